@@ -1,0 +1,16 @@
+"""comm: COMM-style multimodal LLMs with multi-level CLIP + DINOv2 features (arXiv 2310.08825)."""
+
+from comm.model.build import add_image_tokens, build_from_components, build_processor
+from comm.model.configuration import CommConfig
+from comm.model.modeling import CommForConditionalGeneration
+from comm.processing import CommProcessor
+
+__all__ = [
+    "CommConfig",
+    "CommForConditionalGeneration",
+    "CommProcessor",
+    "add_image_tokens",
+    "build_from_components",
+    "build_processor",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Model-free evaluation: benchmark readers (RefCOCO, POPE, captions) and their official metrics."""

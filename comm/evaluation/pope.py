@@ -1,0 +1,149 @@
+"""POPE object-hallucination benchmark: question/answer readers and the official yes/no metrics."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from comm.evaluation.jsonl import iter_jsonl
+
+POPE_LABELS = ("yes", "no")
+QUESTION_KEYS = ("question_id", "image", "text", "label")
+
+
+def _id_key(question_id: Any) -> str:
+    """Question ids are compared as strings, so ``1`` in an answers file matches ``"1"`` in the labels."""
+    return str(question_id)
+
+
+def load_pope_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read POPE questions, one ``{"question_id", "image", "text", "label": "yes"|"no"}`` object a line."""
+    path = Path(path)
+    questions: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line_number, record in iter_jsonl(path):
+        where = f"{path}, line {line_number}"
+        missing = [key for key in QUESTION_KEYS if key not in record]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+        if record["label"] not in POPE_LABELS:
+            raise ValueError(f"{where}: label must be 'yes' or 'no', got {record['label']!r}")
+        if not isinstance(record["text"], str) or not isinstance(record["image"], str):
+            raise ValueError(f"{where}: 'text' and 'image' must be strings")
+        key = _id_key(record["question_id"])
+        if key in seen:
+            raise ValueError(f"{where}: duplicate question_id {record['question_id']!r} (first on line {seen[key]})")
+        seen[key] = line_number
+        questions.append(record)
+    if not questions:
+        raise ValueError(f"{path}: no questions")
+    return questions
+
+
+def load_pope_answers(path: str | os.PathLike[str]) -> dict[Any, str]:
+    """Read a LLaVA-style answers file (``{"question_id", "text", ...}`` a line) into ``{question_id: text}``."""
+    path = Path(path)
+    answers: dict[Any, str] = {}
+    seen: dict[str, int] = {}
+    for line_number, record in iter_jsonl(path):
+        where = f"{path}, line {line_number}"
+        missing = [key for key in ("question_id", "text") if key not in record]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+        if not isinstance(record["text"], str):
+            raise ValueError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
+        key = _id_key(record["question_id"])
+        if key in seen:
+            raise ValueError(f"{where}: duplicate question_id {record['question_id']!r} (first on line {seen[key]})")
+        seen[key] = line_number
+        answers[record["question_id"]] = record["text"]
+    return answers
+
+
+def pope_answer_is_yes(text: str) -> bool:
+    """Official POPE / LLaVA ``eval_pope.py`` parsing: first sentence, no commas, "no" if No/not/no is a word."""
+    if text.find(".") != -1:
+        text = text.split(".")[0]
+    text = text.replace(",", "")
+    words = text.split(" ")
+    return not ("No" in words or "not" in words or "no" in words)
+
+
+def check_ids(answer_ids: Iterable[Any], expected_ids: Iterable[Any], what: str = "answers") -> None:
+    """Raise ValueError when ``answer_ids`` miss some of ``expected_ids`` or hold ids not among them."""
+    answers = [_id_key(i) for i in answer_ids]
+    expected = [_id_key(i) for i in expected_ids]
+    answer_set, expected_set = set(answers), set(expected)
+    if len(answer_set) != len(answers):
+        duplicate = next(i for i in answers if answers.count(i) > 1)
+        raise ValueError(f"{what} hold the same id twice (as a string), e.g. {duplicate!r}")
+    missing = [i for i in expected if i not in answer_set]
+    unknown = [i for i in answers if i not in expected_set]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} id(s) missing from the {what} (first: {missing[0]!r})")
+    if unknown:
+        problems.append(f"{len(unknown)} unknown id(s) in the {what} (first: {unknown[0]!r})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / denominator if denominator else 0.0
+
+
+def score_pope(answers: Mapping[Any, str], questions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1 (positive = "yes") and yes-ratio of ``answers`` on POPE ``questions``."""
+    if not questions:
+        raise ValueError("no POPE questions to score")
+    check_ids(answers.keys(), (question["question_id"] for question in questions))
+    by_key = {_id_key(question_id): text for question_id, text in answers.items()}
+    tp = fp = tn = fn = 0
+    for question in questions:
+        if question["label"] not in POPE_LABELS:
+            raise ValueError(
+                f"question {question['question_id']!r}: label must be 'yes' or 'no', got {question['label']!r}"
+            )
+        predicted_yes = pope_answer_is_yes(by_key[_id_key(question["question_id"])])
+        label_yes = question["label"] == "yes"
+        if predicted_yes and label_yes:
+            tp += 1
+        elif predicted_yes:
+            fp += 1
+        elif label_yes:
+            fn += 1
+        else:
+            tn += 1
+    n = tp + fp + tn + fn
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    return {
+        "accuracy": _ratio(tp + tn, n),
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * precision * recall, precision + recall),
+        "yes_ratio": _ratio(tp + fp, n),
+        "n": n,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def summarize_pope_splits(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-split metrics plus ``mean_f1`` (LLaVA's figure) and ``mean_accuracy`` (COMM's) and each split's n."""
+    if not results:
+        raise ValueError("no POPE splits to summarize")
+    for split, metrics in results.items():
+        missing = [key for key in ("accuracy", "f1", "n") if key not in metrics]
+        if missing:
+            raise ValueError(f"POPE split {split!r}: metrics lack {', '.join(missing)}")
+    return {
+        "splits": {split: dict(metrics) for split, metrics in results.items()},
+        "n": {split: int(metrics["n"]) for split, metrics in results.items()},
+        "mean_f1": sum(float(m["f1"]) for m in results.values()) / len(results),
+        "mean_accuracy": sum(float(m["accuracy"]) for m in results.values()) / len(results),
+    }

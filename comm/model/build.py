@@ -1,0 +1,158 @@
+"""Assemble a COMM model and processor from separate tower and LLM checkpoints (hub names or folders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitImageProcessorPil,
+    CLIPImageProcessorPil,
+    PreTrainedTokenizerBase,
+)
+
+from comm.model.configuration import CommConfig
+from comm.model.modeling import CommForConditionalGeneration
+from comm.processing import (
+    IMAGE_END_TOKEN,
+    IMAGE_PATCH_TOKEN,
+    IMAGE_START_TOKEN,
+    IMAGE_TOKENS,
+    CommProcessor,
+    square_image_processor,
+)
+
+
+def add_image_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Add ``<im_patch>``, ``<im_start>``, ``<im_end>`` (and a pad token if missing); return the config ids."""
+    tokenizer.add_tokens(list(IMAGE_TOKENS), special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return {
+        "image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN),
+        "image_start_token_index": tokenizer.convert_tokens_to_ids(IMAGE_START_TOKEN),
+        "image_end_token_index": tokenizer.convert_tokens_to_ids(IMAGE_END_TOKEN),
+    }
+
+
+def resize_embeddings_with_mean(model: CommForConditionalGeneration, vocab_size: int) -> None:
+    """Grow the LLM's vocabulary to ``vocab_size``; new rows of both embeddings are the mean of the old ones."""
+    old_size = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old_size:
+        return
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if embedding is None or embedding.weight.shape[0] != vocab_size:
+                continue
+            weight = embedding.weight
+            weight[old_size:] = weight[:old_size].mean(dim=0, keepdim=True)
+    model.config.text_config.vocab_size = vocab_size
+
+
+def default_image_processor(kind: str, path: str | None, size: int):
+    """The tower's own image processor from ``path`` when it ships one, else the standard constants."""
+    base = None
+    if path is not None:
+        loader = CLIPImageProcessorPil if kind == "clip" else BitImageProcessorPil
+        try:
+            base = loader.from_pretrained(path)
+        except OSError:
+            base = None  # a bare config folder (tests, random towers): fall back to the standard constants
+    return square_image_processor(kind, size, base)
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase,
+    config: CommConfig,
+    clip_path: str | None = None,
+    dino_path: str | None = None,
+    model_max_length: int | None = None,
+    pad_color: tuple[int, int, int] = (255, 255, 255),
+) -> CommProcessor:
+    """A processor for ``config``'s towers; ``tokenizer`` must already carry the image tokens."""
+    return CommProcessor(
+        tokenizer,
+        default_image_processor("clip", clip_path, config.clip_config.image_size),
+        default_image_processor("dino", dino_path, config.dino_image_size),
+        num_image_tokens=config.num_image_tokens,
+        pad_color=pad_color,
+        model_max_length=model_max_length,
+    )
+
+
+def build_from_components(
+    clip: str,
+    dino: str,
+    llm: str,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    model_max_length: int | None = None,
+    **config_fields,
+) -> tuple[CommForConditionalGeneration, CommProcessor]:
+    """Load pretrained towers and LLM (hub names or local folders) into a fresh COMM model and processor.
+
+    The mergers, aligners and projection start from random init; the towers are frozen; the image tokens
+    are added to the tokenizer and their embeddings start at the mean of the existing ones.
+    ``config_fields`` set `CommConfig` fields (``clip_layers``, ``grid_size``, ``concat``...).
+    """
+    clip_config = AutoConfig.from_pretrained(clip)
+    if getattr(clip_config, "vision_config", None) is not None:  # a full CLIP checkpoint: keep its vision half
+        clip_config = clip_config.vision_config
+    config = CommConfig(
+        clip_config=clip_config,
+        dino_config=AutoConfig.from_pretrained(dino),
+        text_config=AutoConfig.from_pretrained(llm),
+        **config_fields,
+    )
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or llm)
+    config.update(add_image_tokens(tokenizer))
+    config._attn_implementation = attn_implementation
+
+    with torch.device("meta"):
+        model = CommForConditionalGeneration(config)
+    load = {"dtype": dtype, "attn_implementation": attn_implementation}
+    # A vision config makes AutoModel load CLIPVisionModel, also from a full CLIP checkpoint (as LLaVA does).
+    model.clip_tower.encoder = AutoModel.from_pretrained(
+        clip, config=_truncated(config.clip_config, config.clip_layers), **load
+    )
+    model.dino_tower.encoder = AutoModel.from_pretrained(
+        dino, config=_truncated(config.dino_config, config.dino_layers), **load
+    )
+    model.language_model = AutoModelForCausalLM.from_pretrained(llm, **load)
+    for module in model.trainable_vision_modules().values():
+        module.to_empty(device="cpu")
+        module.to(dtype)
+        module.apply(model._init_weights)
+    model.freeze_towers()
+    resize_embeddings_with_mean(model, len(tokenizer))
+    processor = build_processor(tokenizer, config, clip, dino, model_max_length=model_max_length)
+    return model, processor
+
+
+def _truncated(config, layers: list[int]):
+    """A copy of a tower config with only the blocks up to the deepest merged layer."""
+    truncated = config.__class__.from_dict(config.to_dict())
+    truncated.num_hidden_layers = max(layers)
+    return truncated
+
+
+def save_random_components(folder: str | Path, config: CommConfig) -> dict[str, str]:
+    """Write random-init towers and LLM of ``config`` as separate checkpoints (what a user downloads)."""
+    folder = Path(folder)
+    paths = {}
+    for name, sub_config, model_class in (
+        ("clip", config.clip_config, AutoModel),
+        ("dino", config.dino_config, AutoModel),
+        ("llm", config.text_config, AutoModelForCausalLM),
+    ):
+        path = folder / name
+        model_class.from_config(sub_config).save_pretrained(path)
+        paths[name] = str(path)
+    return paths

@@ -1,0 +1,274 @@
+"""`CommProcessor`: images and text to model inputs (padded square, per-tower resize/normalise, tokens)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import (
+    AutoTokenizer,
+    BatchFeature,
+    BitImageProcessorPil,
+    CLIPImageProcessorPil,
+    PreTrainedTokenizerBase,
+)
+
+from comm.boxes import square_padding
+from comm.conversation import IMAGE_PLACEHOLDER
+
+ImageInput = Image.Image | str | Path | np.ndarray
+
+IMAGE_PATCH_TOKEN = "<im_patch>"
+IMAGE_START_TOKEN = "<im_start>"
+IMAGE_END_TOKEN = "<im_end>"
+IMAGE_TOKENS = (IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN)
+
+PROCESSOR_CONFIG = "processor_config.json"
+CLIP_SUBFOLDER = "image_processor_clip"
+DINO_SUBFOLDER = "image_processor_dino"
+
+# OpenAI CLIP and ImageNet (DINOv2) normalisation constants.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_image(image: ImageInput, name: str = "image") -> Image.Image:
+    """Open a PIL image, path or HxW(x3/4) uint8 array as RGB; raise ValueError naming a bad input."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: no such image file: {path}")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                pil = opened.copy()
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"{name}: {path} is not a readable image ({error})") from None
+    elif isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ValueError(f"{name}: expected an HxW or HxWxC array with C in 1/3/4, got shape {image.shape}")
+        array = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
+        pil = Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1 else array)
+    elif isinstance(image, Image.Image):
+        pil = image
+    else:
+        raise TypeError(f"{name}: expected a PIL image, a path or a numpy array, got {type(image).__name__}")
+    if min(pil.size) < 2:
+        raise ValueError(f"{name}: image of size {pil.size[0]}x{pil.size[1]} is too small (at least 2x2 pixels)")
+    return to_rgb(pil)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert any PIL mode (RGBA, LA, L, P, CMYK, I;16...) to RGB; transparency is composited on ``background``."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float32)
+        scale = 255.0 / max(float(array.max()), 1.0)
+        return Image.fromarray((array * scale).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    """Pad ``image`` to a square, centred, with ``color`` (Shikra/LLaVA ``expand2square``)."""
+    width, height = image.size
+    side, left, top = square_padding(width, height)
+    if width == height:
+        return image
+    canvas = Image.new("RGB", (side, side), color)
+    canvas.paste(image, (left, top))
+    return canvas
+
+
+def square_image_processor(kind: str, size: int, base: Any | None = None):
+    """A CLIP/DINOv2 image processor that resizes the (already square) image to ``size`` without cropping.
+
+    Crops would cut off the image's borders and break boxes given against the full padded square.
+    """
+    if base is not None:
+        processor = base
+    elif kind == "clip":
+        processor = CLIPImageProcessorPil(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    elif kind == "dino":
+        processor = BitImageProcessorPil(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+    else:
+        raise ValueError(f"unknown image processor kind {kind!r}")
+    processor.size = {"height": size, "width": size}
+    processor.crop_size = {"height": size, "width": size}
+    processor.do_center_crop = False
+    return processor
+
+
+class CommProcessor:
+    """Turn PIL images and text into COMM inputs: ``input_ids``, ``attention_mask``, ``pixel_values_clip``,
+    ``pixel_values_dino``.
+
+    Each ``<image>`` in the text becomes ``<im_start>`` + ``num_image_tokens`` x ``<im_patch>`` + ``<im_end>``;
+    images are padded to a square with ``pad_color`` and then resized and normalised by each tower's processor.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        clip_image_processor,
+        dino_image_processor,
+        num_image_tokens: int,
+        pad_color: Sequence[int] = (255, 255, 255),
+        model_max_length: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.clip_image_processor = clip_image_processor
+        self.dino_image_processor = dino_image_processor
+        self.num_image_tokens = int(num_image_tokens)
+        self.pad_color = tuple(int(c) for c in pad_color)
+        self.model_max_length = model_max_length
+        missing = [t for t in IMAGE_TOKENS if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the image tokens {missing}: call comm.add_image_tokens first")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
+
+    @property
+    def image_placeholder_text(self) -> str:
+        """What one ``<image>`` placeholder expands to before tokenization."""
+        return IMAGE_START_TOKEN + IMAGE_PATCH_TOKEN * self.num_image_tokens + IMAGE_END_TOKEN
+
+    def expand_image_placeholders(self, text: str) -> str:
+        """Replace each ``<image>`` with the image's token block."""
+        return text.replace(IMAGE_PLACEHOLDER, self.image_placeholder_text)
+
+    def preprocess_images(self, images: Sequence[ImageInput]) -> dict[str, torch.Tensor]:
+        """Pixel values of both towers for a list of images (paths, arrays or PIL images)."""
+        squares = [
+            expand_to_square(load_image(image, f"image {i}"), self.pad_color) for i, image in enumerate(images)
+        ]
+        clip = self.clip_image_processor(images=squares, return_tensors="pt")["pixel_values"]
+        dino = self.dino_image_processor(images=squares, return_tensors="pt")["pixel_values"]
+        return {"pixel_values_clip": clip, "pixel_values_dino": dino}
+
+    def tokenize(self, text: str, max_length: int | None = None, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` with image placeholders expanded; text tokens are cut to fit ``max_length``.
+
+        Truncation removes text tokens from the end and never an image token: a prompt that the image
+        tokens alone overflow raises ValueError.
+        """
+        ids = self.tokenizer(
+            self.expand_image_placeholders(text), add_special_tokens=add_special_tokens
+        )["input_ids"]
+        limit = max_length or self.model_max_length
+        if limit is None or len(ids) <= limit:
+            return ids
+        image_ids = set(self.tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)))
+        num_image = sum(1 for i in ids if i in image_ids)
+        if num_image > limit:
+            raise ValueError(
+                f"the prompt's {num_image} image tokens alone exceed the model's limit of {limit} tokens"
+            )
+        excess = len(ids) - limit
+        message = f"text is {len(ids)} tokens, over the limit of {limit}: dropping {excess} text tokens"
+        warnings.warn(message, stacklevel=2)
+        kept = []
+        for token in reversed(ids):
+            if excess and token not in image_ids:
+                excess -= 1
+                continue
+            kept.append(token)
+        return kept[::-1]
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        """Tokenize ``text`` (one string or a batch) and preprocess ``images`` (in placeholder order)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if images is None:
+            image_list: list[ImageInput] = []
+        elif isinstance(images, (Image.Image, str, Path, np.ndarray)):
+            image_list = [images]
+        else:
+            image_list = list(images)
+        num_placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+        if num_placeholders != len(image_list):
+            raise ValueError(
+                f"the text has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(image_list)} images "
+                "were given: each image needs exactly one placeholder"
+            )
+        pixels = self.preprocess_images(image_list) if image_list else {}
+        sequences = [self.tokenize(t, max_length) for t in texts]
+        batch = pad_sequences(sequences, self.pad_token_id, padding_side or self.tokenizer.padding_side)
+        return BatchFeature({**batch, **pixels}, tensor_type=return_tensors)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id (set by `add_image_tokens` when the tokenizer had none)."""
+        return self.tokenizer.pad_token_id
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        """Decode generated ids (``skip_special_tokens=True`` by default)."""
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.batch_decode(sequences, **kwargs)
+
+    def decode(self, ids, **kwargs) -> str:
+        """Decode one sequence of ids (``skip_special_tokens=True`` by default)."""
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the tokenizer, both image processors and ``processor_config.json`` into ``save_directory``."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        self.clip_image_processor.save_pretrained(folder / CLIP_SUBFOLDER)
+        self.dino_image_processor.save_pretrained(folder / DINO_SUBFOLDER)
+        settings = {
+            "processor_class": type(self).__name__,
+            "num_image_tokens": self.num_image_tokens,
+            "pad_color": list(self.pad_color),
+            "model_max_length": self.model_max_length,
+        }
+        (folder / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **overrides) -> CommProcessor:
+        """Load a processor written by `save_pretrained` (a model folder or a training export)."""
+        path = Path(folder)
+        config_file = path / PROCESSOR_CONFIG
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} has no {PROCESSOR_CONFIG}: not a COMM processor/model folder")
+        settings = json.loads(config_file.read_text())
+        settings.pop("processor_class", None)
+        settings.update(overrides)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        clip = CLIPImageProcessorPil.from_pretrained(path / CLIP_SUBFOLDER)
+        dino = BitImageProcessorPil.from_pretrained(path / DINO_SUBFOLDER)
+        return cls(tokenizer, clip, dino, **settings)
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad token-id lists to one length on ``side``; returns ``input_ids`` and ``attention_mask``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    length = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        n = len(sequence)
+        span = slice(length - n, length) if side == "left" else slice(0, n)
+        ids[row, span] = torch.tensor(list(sequence), dtype=torch.long)
+        mask[row, span] = 1
+    return {"input_ids": ids, "attention_mask": mask}

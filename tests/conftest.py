@@ -1,0 +1,69 @@
+"""Shared fixtures: a real LLaMA-family tokenizer and tiny random COMM models saved to temp folders."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from comm import CommConfig, build_from_components  # noqa: E402
+from comm.model.build import save_random_components  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LLAMA_TOKENIZER_DIR = FIXTURES / "tokenizer-llama-family"
+
+
+@pytest.fixture(scope="session")
+def _llama_tokenizer_cached():
+    from transformers import LlamaTokenizer
+
+    return LlamaTokenizer.from_pretrained(LLAMA_TOKENIZER_DIR)
+
+
+@pytest.fixture
+def llama_tokenizer(_llama_tokenizer_cached):
+    """A fresh copy of the Mistral/LLaMA SentencePiece tokenizer (32000 pieces) from the test fixtures."""
+    return copy.deepcopy(_llama_tokenizer_cached)
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tmp_path_factory) -> dict[str, str]:
+    """Random-init CLIP, DINOv2 and Llama checkpoints of `CommConfig.tiny()` saved as separate folders."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("components")
+    return save_random_components(folder, CommConfig.tiny(vocab_size=32000))
+
+
+def tiny_fields() -> dict:
+    """The `CommConfig` fields of the tiny model that are not in its sub-configs."""
+    config = CommConfig.tiny()
+    return {
+        "clip_layers": config.clip_layers,
+        "dino_layers": config.dino_layers,
+        "grid_size": config.grid_size,
+        "dino_image_size": config.dino_image_size,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_components, _llama_tokenizer_cached) -> Path:
+    """A tiny COMM model and its processor saved with `save_pretrained` (load them with `from_pretrained`)."""
+    torch.manual_seed(0)
+    model, processor = build_from_components(
+        tiny_components["clip"],
+        tiny_components["dino"],
+        tiny_components["llm"],
+        tokenizer=copy.deepcopy(_llama_tokenizer_cached),
+        model_max_length=256,
+        **tiny_fields(),
+    )
+    folder = tmp_path_factory.mktemp("tiny_comm")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

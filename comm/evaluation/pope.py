@@ -34,7 +34,9 @@ def load_pope_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise ValueError(f"{where}: 'text' and 'image' must be strings")
         key = _id_key(record["question_id"])
         if key in seen:
-            raise ValueError(f"{where}: duplicate question_id {record['question_id']!r} (first on line {seen[key]})")
+            raise ValueError(
+                f"{where}: duplicate question_id {record['question_id']!r} (first on line {seen[key]})"
+            )
         seen[key] = line_number
         questions.append(record)
     if not questions:
@@ -43,7 +45,7 @@ def load_pope_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def load_pope_answers(path: str | os.PathLike[str]) -> dict[Any, str]:
-    """Read a LLaVA-style answers file (``{"question_id", "text", ...}`` a line) into ``{question_id: text}``."""
+    """Read LLaVA-style answers (``{"question_id", "text", ...}`` a line) into ``{question_id: text}``."""
     path = Path(path)
     answers: dict[Any, str] = {}
     seen: dict[str, int] = {}
@@ -56,14 +58,16 @@ def load_pope_answers(path: str | os.PathLike[str]) -> dict[Any, str]:
             raise ValueError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
         key = _id_key(record["question_id"])
         if key in seen:
-            raise ValueError(f"{where}: duplicate question_id {record['question_id']!r} (first on line {seen[key]})")
+            raise ValueError(
+                f"{where}: duplicate question_id {record['question_id']!r} (first on line {seen[key]})"
+            )
         seen[key] = line_number
         answers[record["question_id"]] = record["text"]
     return answers
 
 
 def pope_answer_is_yes(text: str) -> bool:
-    """Official POPE / LLaVA ``eval_pope.py`` parsing: first sentence, no commas, "no" if No/not/no is a word."""
+    """Official POPE / LLaVA ``eval_pope.py`` rule: first sentence, no commas, "no" if No/not/no is a word."""
     if text.find(".") != -1:
         text = text.split(".")[0]
     text = text.replace(",", "")
@@ -95,7 +99,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def score_pope(answers: Mapping[Any, str], questions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1 (positive = "yes") and yes-ratio of ``answers`` on POPE ``questions``."""
+    """Accuracy, precision, recall, F1 (positive = "yes") and yes-ratio of ``answers`` on ``questions``."""
     if not questions:
         raise ValueError("no POPE questions to score")
     check_ids(answers.keys(), (question["question_id"] for question in questions))
@@ -104,7 +108,8 @@ def score_pope(answers: Mapping[Any, str], questions: list[dict[str, Any]]) -> d
     for question in questions:
         if question["label"] not in POPE_LABELS:
             raise ValueError(
-                f"question {question['question_id']!r}: label must be 'yes' or 'no', got {question['label']!r}"
+                f"question {question['question_id']!r}: label must be 'yes' or 'no', "
+                f"got {question['label']!r}"
             )
         predicted_yes = pope_answer_is_yes(by_key[_id_key(question["question_id"])])
         label_yes = question["label"] == "yes"
@@ -134,7 +139,7 @@ def score_pope(answers: Mapping[Any, str], questions: list[dict[str, Any]]) -> d
 
 
 def summarize_pope_splits(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-split metrics plus ``mean_f1`` (LLaVA's figure) and ``mean_accuracy`` (COMM's) and each split's n."""
+    """Per-split metrics, each split's n, ``mean_f1`` (LLaVA's figure) and ``mean_accuracy`` (COMM's)."""
     if not results:
         raise ValueError("no POPE splits to summarize")
     for split, metrics in results.items():

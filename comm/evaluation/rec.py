@@ -89,9 +89,7 @@ def load_refer(
     if split_by is None:
         split_by = next(iter(split_bys))
     if split_by not in split_bys:
-        raise ValueError(
-            f"unknown split_by {split_by!r} for {dataset}; valid: {', '.join(split_bys)}"
-        )
+        raise ValueError(f"unknown split_by {split_by!r} for {dataset}; valid: {', '.join(split_bys)}")
     valid_splits = split_bys[split_by]
     if split not in valid_splits:
         raise ValueError(

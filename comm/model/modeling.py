@@ -70,6 +70,13 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> CommForConditionalGeneration:
+        """Load like any `PreTrainedModel`, then re-freeze the towers (loading makes fresh parameters)."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.freeze_towers()
+        return model
+
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 

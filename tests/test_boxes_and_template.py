@@ -1,0 +1,82 @@
+"""Box format/parse/normalisation round-trips and the Vicuna v1.1 template."""
+
+from __future__ import annotations
+
+import pytest
+
+from comm.boxes import (
+    box_iou,
+    denormalize_box,
+    format_box,
+    normalize_box,
+    parse_box,
+    parse_boxes,
+    validate_pixel_box,
+    xywh_to_xyxy,
+)
+from comm.conversation import VICUNA_V1, rec_prompt, with_image
+
+
+def test_format_has_three_decimals_and_clips():
+    assert format_box((0.1, 0.25, 0.6666, 1.2)) == "[0.100,0.250,0.667,1.000]"
+
+
+def test_format_parse_roundtrip():
+    box = (0.123, 0.456, 0.789, 0.9)
+    assert parse_box(format_box(box)) == pytest.approx(box)
+
+
+def test_parse_is_tolerant():
+    text = "Sure! It is at [ 0.1 , 0.2,0.3 ,0.4 ] and also [0.5,0.6,0.7,0.8]. junk [1,2] [a,b,c,d]"
+    assert parse_boxes(text) == [(0.1, 0.2, 0.3, 0.4), (0.5, 0.6, 0.7, 0.8)]
+    assert parse_box(text) == (0.1, 0.2, 0.3, 0.4)
+
+
+@pytest.mark.parametrize("text", ["", "no box here", "[0.1,0.2,0.3]", "[0.1,0.2,,0.3,0.4]", "[.,.,.,.]", None])
+def test_malformed_text_has_no_box(text):
+    assert parse_box(text) is None
+
+
+def test_normalise_against_padded_square_and_back():
+    # 200x100 image: padded square side 200, the image sits 50 px down.
+    box = (20, 10, 120, 60)
+    normalised = normalize_box(box, 200, 100)
+    assert normalised == pytest.approx((0.1, 0.3, 0.6, 0.55))
+    assert denormalize_box(normalised, 200, 100) == pytest.approx(box)
+    # A box reaching into the padding is clipped to the image.
+    assert denormalize_box((0.0, 0.0, 1.0, 1.0), 200, 100) == pytest.approx((0, 0, 200, 100))
+
+
+def test_iou():
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert box_iou((10, 0, 0, 10), (0, 0, 10, 10)) == 0.0  # x1 < x0
+    assert box_iou(None, (0, 0, 1, 1)) == 0.0
+    assert xywh_to_xyxy([1, 2, 3, 4]) == (1, 2, 4, 6)
+
+
+def test_validate_pixel_box():
+    assert validate_pixel_box([0, 0, 10, 10], 10, 10) == (0, 0, 10, 10)
+    with pytest.raises(ValueError, match="x1 < x0"):
+        validate_pixel_box([5, 0, 1, 4], 10, 10)
+    with pytest.raises(ValueError, match="outside"):
+        validate_pixel_box([0, 0, 30, 4], 10, 10)
+
+
+def test_vicuna_template_and_target_spans():
+    rendered = VICUNA_V1.render([("<image>\nWhat is it?", "A cat."), ("Where?", "[0.1,0.2,0.3,0.4]")])
+    assert rendered.text == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat is it? ASSISTANT: A cat.</s>"
+        "USER: Where? ASSISTANT: [0.1,0.2,0.3,0.4]</s>"
+    )
+    assert rendered.targets() == [" A cat.</s>", " [0.1,0.2,0.3,0.4]</s>"]
+    assert VICUNA_V1.prompt("Hi?").endswith("questions. USER: Hi? ASSISTANT:")
+
+
+def test_prompts():
+    assert rec_prompt("the red circle") == (
+        "Can you point out the red circle in the image <image> and provide the coordinates of its location?"
+    )
+    assert with_image("Hi") == "<image>\nHi"
+    assert with_image("<image> Hi") == "<image> Hi"

@@ -1,0 +1,123 @@
+"""CommProcessor: square padding, per-tower normalisation, placeholder expansion, truncation, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comm import CommProcessor
+from comm.processing import IMAGE_END_TOKEN, IMAGE_START_TOKEN, expand_to_square, load_image
+
+
+@pytest.fixture
+def processor(tiny_model_dir) -> CommProcessor:
+    return CommProcessor.from_pretrained(tiny_model_dir)
+
+
+def test_expand_to_square_centres_on_white():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    square = expand_to_square(image, (255, 255, 255))
+    assert square.size == (40, 40)
+    assert square.getpixel((20, 5)) == (255, 255, 255)  # top band is padding
+    assert square.getpixel((20, 20)) == (255, 0, 0)
+    assert square.getpixel((20, 34)) == (255, 255, 255)
+
+
+def test_each_tower_gets_its_own_normalisation(processor):
+    image = Image.new("RGB", (30, 50), (128, 128, 128))
+    pixels = processor.preprocess_images([image])
+    assert pixels["pixel_values_clip"].shape == (1, 3, 64, 64)
+    assert pixels["pixel_values_dino"].shape == (1, 3, 64, 64)
+    centre = 128 / 255
+    clip_red = (centre - 0.48145466) / 0.26862954
+    dino_red = (centre - 0.485) / 0.229
+    assert pixels["pixel_values_clip"][0, 0, 32, 32].item() == pytest.approx(clip_red, abs=1e-3)
+    assert pixels["pixel_values_dino"][0, 0, 32, 32].item() == pytest.approx(dino_red, abs=1e-3)
+    white = (1.0 - 0.485) / 0.229  # the padding band on the left is white in the DINOv2 view too
+    assert pixels["pixel_values_dino"][0, 0, 32, 1].item() == pytest.approx(white, abs=1e-3)
+
+
+def test_placeholder_expands_to_image_token_block(processor):
+    batch = processor(text="Look: <image> now", images=Image.new("RGB", (10, 10)))
+    ids = batch["input_ids"][0].tolist()
+    tokenizer = processor.tokenizer
+    start = tokenizer.convert_tokens_to_ids(IMAGE_START_TOKEN)
+    end = tokenizer.convert_tokens_to_ids(IMAGE_END_TOKEN)
+    i = ids.index(start)
+    assert ids[i + 1 : i + 1 + processor.num_image_tokens] == [processor.image_token_id] * processor.num_image_tokens
+    assert ids[i + 1 + processor.num_image_tokens] == end
+    assert ids.count(processor.image_token_id) == 16
+
+
+def test_left_padding_for_generation(processor):
+    batch = processor(text=["<image> a", "<image> a much longer question here"], images=[Image.new("RGB", (8, 8))] * 2,
+                      padding_side="left")
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
+    assert batch["input_ids"][0, 0] == processor.pad_token_id
+    assert batch["pixel_values_clip"].shape[0] == 2
+
+
+def test_more_placeholders_than_images_is_an_error(processor):
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        processor(text="<image> and <image>", images=[Image.new("RGB", (8, 8))])
+    with pytest.raises(ValueError, match="0 <image> placeholders but 1 images"):
+        processor(text="no placeholder", images=[Image.new("RGB", (8, 8))])
+
+
+def test_long_text_is_truncated_never_image_tokens(processor):
+    long_text = "<image> " + "word " * 400
+    with pytest.warns(UserWarning, match="dropping"):
+        batch = processor(text=long_text, images=Image.new("RGB", (8, 8)), max_length=64)
+    ids = batch["input_ids"][0].tolist()
+    assert len(ids) == 64
+    assert ids.count(processor.image_token_id) == processor.num_image_tokens
+    with pytest.raises(ValueError, match="image tokens alone exceed"):
+        processor(text=long_text, images=Image.new("RGB", (8, 8)), max_length=10)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "CMYK", "I;16"])
+def test_other_modes_become_rgb(mode, processor):
+    image = Image.new(mode, (12, 9))
+    assert load_image(image).mode == "RGB"
+    assert processor.preprocess_images([image])["pixel_values_clip"].shape == (1, 3, 64, 64)
+
+
+def test_transparent_pixels_become_background():
+    image = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert load_image(image).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_bad_images_are_named(tmp_path, processor):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    with pytest.raises(ValueError, match="notes.png is not a readable image"):
+        processor(text="<image>", images=[str(not_an_image)])
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ValueError, match="too small"):
+        load_image(Image.new("RGB", (1, 1)))
+    with pytest.raises(ValueError, match="too small"):
+        load_image(np.zeros((0, 5, 3), dtype=np.uint8))
+    with pytest.raises(TypeError, match="expected a PIL image"):
+        load_image(42)
+
+
+def test_numpy_and_path_inputs_match_pil(tmp_path, processor):
+    array = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(array).save(path)
+    from_array = processor.preprocess_images([array])["pixel_values_clip"]
+    from_path = processor.preprocess_images([path])["pixel_values_clip"]
+    torch.testing.assert_close(from_array, from_path)
+
+
+def test_processor_roundtrip(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    again = CommProcessor.from_pretrained(tmp_path)
+    assert again.num_image_tokens == processor.num_image_tokens
+    assert again.pad_color == processor.pad_color
+    assert again.tokenizer("hello <im_patch>")["input_ids"] == processor.tokenizer("hello <im_patch>")["input_ids"]
+    with pytest.raises(FileNotFoundError, match="processor_config.json"):
+        CommProcessor.from_pretrained(tmp_path / "nowhere")

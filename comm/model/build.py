@@ -52,6 +52,7 @@ def resize_embeddings_with_mean(model: CommForConditionalGeneration, vocab_size:
             weight = embedding.weight
             weight[old_size:] = weight[:old_size].mean(dim=0, keepdim=True)
     model.config.text_config.vocab_size = vocab_size
+    model.language_model.config.vocab_size = vocab_size
 
 
 def default_image_processor(kind: str, path: str | None, size: int):
@@ -126,6 +127,7 @@ def build_from_components(
         dino, config=_truncated(config.dino_config, config.dino_layers), **load
     )
     model.language_model = AutoModelForCausalLM.from_pretrained(llm, **load)
+    model.config.text_config = model.language_model.config  # one config object, so resizing updates both
     for module in model.trainable_vision_modules().values():
         module.to_empty(device="cpu")
         module.to(dtype)

@@ -1,0 +1,208 @@
+"""The ``comm`` command: ``caption``, ``ground``, ``ask`` with a trained model, and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MODEL_ENV = "COMM_MODEL"
+EXIT_USAGE = 2
+EXIT_NO_BOX = 1
+
+
+class CliError(Exception):
+    """A user error the CLI reports as ``error: <message>`` with exit status 2."""
+
+
+def _model_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--model",
+        default=None,
+        help=f"COMM model folder (training export or hub-style folder); default: ${MODEL_ENV}",
+    )
+    parent.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parent.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    parent.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per answer")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``comm`` command.
+
+    >>> build_parser().parse_args(["caption", "a.jpg", "--json"]).json
+    True
+    """
+    parser = argparse.ArgumentParser(
+        prog="comm",
+        description="COMM multimodal LLM: caption images, ground referring expressions, answer questions.",
+        epilog=f"The model folder comes from --model or the {MODEL_ENV} environment variable.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _model_options()
+
+    caption = commands.add_parser("caption", parents=[common], help="caption one or more images")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
+    caption.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default 8)")
+    caption.add_argument("--prompt", default=None, help="caption prompt (default: the training caption prompt)")
+    caption.set_defaults(handler=_caption)
+
+    ground = commands.add_parser("ground", parents=[common], help="find the box of a referring expression")
+    ground.add_argument("image", metavar="IMAGE")
+    ground.add_argument("expression", metavar="EXPRESSION")
+    ground.add_argument("--draw", metavar="OUT.png", default=None, help="write the image with the box drawn")
+    ground.add_argument("--json", action="store_true", help="print {image, expression, box, answer, image_size}")
+    ground.set_defaults(handler=_ground)
+
+    ask = commands.add_parser("ask", parents=[common], help="answer a question about an image")
+    ask.add_argument("image", metavar="IMAGE")
+    ask.add_argument("question", metavar="QUESTION")
+    ask.add_argument("--stream", action="store_true", help="print the answer token by token")
+    ask.set_defaults(handler=_ask)
+
+    demo = commands.add_parser(
+        "demo",
+        add_help=False,
+        help="train and evaluate a tiny model on a generated world (arguments go to comm.demo.run)",
+    )
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    model = args.model or os.environ.get(MODEL_ENV)
+    if not model:
+        raise CliError(f"no model given: pass --model PATH or set {MODEL_ENV}")
+    return model
+
+
+def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.max_new_tokens is None:
+        return {}
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return {"max_new_tokens": args.max_new_tokens}
+
+
+def _load(args: argparse.Namespace, images: Sequence[str]):
+    """Check the images and the model folder (cheap) before loading the model (slow)."""
+    from comm.pipeline import CommPipeline, load_images, resolve_dtype, resolve_model_folder
+
+    loaded = load_images(list(images))
+    folder = resolve_model_folder(_model_path(args))
+    if args.dtype is not None:
+        import torch
+
+        resolve_dtype(args.dtype, torch.device("cpu"))  # reject a bad --dtype before loading
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stdout/stderr to the answers
+    return CommPipeline.from_pretrained(folder, device=args.device, dtype=args.dtype), loaded
+
+
+def _caption(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = _generation_options(args)
+    pipe, loaded = _load(args, args.images)
+    captions = pipe.caption(loaded, prompt=args.prompt, batch_size=args.batch_size, **options)
+    if args.json:
+        records = [{"image": image, "caption": text} for image, text in zip(args.images, captions)]
+        print(json.dumps(records, ensure_ascii=False))
+    elif len(captions) == 1:
+        print(captions[0])
+    else:
+        for image, text in zip(args.images, captions):
+            print(f"{image}\t{text}")
+    return 0
+
+
+def _ground(args: argparse.Namespace) -> int:
+    options = _generation_options(args)
+    if args.draw is not None and not Path(args.draw).suffix:
+        raise CliError(f"--draw {args.draw}: give a file name with an image extension (.png, .jpg)")
+    pipe, loaded = _load(args, [args.image])
+    (result,) = pipe.ground_detailed(loaded[0], [args.expression], **options)
+    box = None if result.box is None else [round(v, 2) for v in result.box]
+    if args.draw is not None:
+        from comm.visualize import draw_boxes
+
+        label = args.expression if len(args.expression) <= 40 else args.expression[:37] + "..."
+        out = Path(args.draw)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        draw_boxes(loaded[0], [(result.box, "red", label)]).save(out)
+    if args.json:
+        record = {
+            "image": args.image,
+            "expression": args.expression,
+            "box": box,
+            "answer": result.answer,
+            "image_size": list(result.image_size),
+        }
+        print(json.dumps(record, ensure_ascii=False))
+    elif box is not None:
+        print(f"[{box[0]:.1f}, {box[1]:.1f}, {box[2]:.1f}, {box[3]:.1f}]")
+    if box is None:
+        print(f"no box in the answer: {result.answer!r}", file=sys.stderr)
+        return EXIT_NO_BOX
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    options = _generation_options(args)
+    pipe, loaded = _load(args, [args.image])
+    if args.stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        pipe.ask(loaded[0], args.question, streamer=streamer, **options)  # the streamer prints, newline included
+    else:
+        print(pipe.ask(loaded[0], args.question, **options))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        run = importlib.import_module("comm.demo.run")
+    except ModuleNotFoundError as error:
+        if error.name not in ("comm.demo", "comm.demo.run"):
+            raise
+        raise CliError("the demo is not available in this installation (no module comm.demo.run)") from None
+    return int(run.main(list(args.demo_args)) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``comm`` command on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    >>> main(["caption", "photo.jpg", "--model", "runs/stage2/final", "--json"])  # doctest: +SKIP
+    [{"image": "photo.jpg", "caption": "A dog on a couch."}]
+    0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "demo":
+        # Everything after "demo" belongs to the demo, options included (argparse.REMAINDER drops a leading "--x");
+        # the demo reports its own errors.
+        try:
+            return _demo(argparse.Namespace(command="demo", demo_args=argv[1:]))
+        except CliError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CliError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -160,8 +160,9 @@ class CommProcessor:
     def tokenize(self, text: str, max_length: int | None = None, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` with image placeholders expanded; text tokens are cut to fit ``max_length``.
 
-        Truncation removes text tokens from the end and never an image token: a prompt that the image
-        tokens alone overflow raises ValueError.
+        Truncation drops the earliest text tokens after the first one (BOS or the system prompt's start), so a
+        prompt keeps its end ("... ASSISTANT:") and the image tokens: a prompt that the image tokens alone
+        overflow raises ValueError.
         """
         ids = self.tokenizer(
             self.expand_image_placeholders(text), add_special_tokens=add_special_tokens
@@ -171,20 +172,20 @@ class CommProcessor:
             return ids
         image_ids = set(self.tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)))
         num_image = sum(1 for i in ids if i in image_ids)
-        if num_image > limit:
+        if num_image + 1 > limit:
             raise ValueError(
                 f"the prompt's {num_image} image tokens alone exceed the model's limit of {limit} tokens"
             )
         excess = len(ids) - limit
-        message = f"text is {len(ids)} tokens, over the limit of {limit}: dropping {excess} text tokens"
+        message = f"text is {len(ids)} tokens, over the limit of {limit}: dropping its {excess} earliest text tokens"
         warnings.warn(message, stacklevel=2)
-        kept = []
-        for token in reversed(ids):
+        kept = [ids[0]]
+        for token in ids[1:]:
             if excess and token not in image_ids:
                 excess -= 1
                 continue
             kept.append(token)
-        return kept[::-1]
+        return kept
 
     def __call__(
         self,

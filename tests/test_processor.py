@@ -67,12 +67,13 @@ def test_more_placeholders_than_images_is_an_error(processor):
 
 
 def test_long_text_is_truncated_never_image_tokens(processor):
-    long_text = "<image> " + "word " * 400
+    long_text = "<image> " + "word " * 400 + "ASSISTANT:"
     with pytest.warns(UserWarning, match="dropping"):
         batch = processor(text=long_text, images=Image.new("RGB", (8, 8)), max_length=64)
     ids = batch["input_ids"][0].tolist()
     assert len(ids) == 64
     assert ids.count(processor.image_token_id) == processor.num_image_tokens
+    assert processor.tokenizer.decode(ids[-4:]).endswith("ASSISTANT:")  # a prompt keeps its end
     with pytest.raises(ValueError, match="image tokens alone exceed"):
         processor(text=long_text, images=Image.new("RGB", (8, 8)), max_length=10)
 

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Benchmark: batched (left-padded, KV-cached) vs one-at-a-time greedy generation with the tiny COMM model on CPU.
+
+Prints ONE JSON line: ``{"benchmark": "batched_generation", "value": <speed ratio>, "unit": "x", ...}`` with a
+breakdown of where the time goes (image preprocessing, vision path, LLM decoding per step). Exits 1 when the
+batched predictions differ from the one-at-a-time ones.
+
+    python benchmarks/bench_batched_generation.py            # 32 prompts, best of 3 (after a warm-up pass)
+    python benchmarks/bench_batched_generation.py --quick    # 16 prompts, once (after a warm-up pass)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from comm import CommConfig, CommForConditionalGeneration, CommProcessor, build_from_components  # noqa: E402
+from comm.conversation import CAPTION_PROMPT, rec_prompt, with_image  # noqa: E402
+from comm.generation import generate_answers  # noqa: E402
+from comm.model.build import save_random_components  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "tokenizer-llama-family"
+BATCH_SIZE = 16
+NEW_TOKENS = 24
+
+
+def build_tiny_model(folder: str | Path, seed: int = 0) -> tuple[CommForConditionalGeneration, CommProcessor]:
+    """The tests' tiny random COMM model (LLaMA tokenizer fixture, 32k vocabulary) built in ``folder``, eval mode."""
+    from transformers import LlamaTokenizer
+
+    torch.manual_seed(seed)
+    config = CommConfig.tiny(vocab_size=32000)
+    components = save_random_components(folder, config)
+    tokenizer = LlamaTokenizer.from_pretrained(TOKENIZER_DIR)
+    model, processor = build_from_components(
+        components["clip"],
+        components["dino"],
+        components["llm"],
+        tokenizer=tokenizer,
+        model_max_length=256,
+        clip_layers=config.clip_layers,
+        dino_layers=config.dino_layers,
+        grid_size=config.grid_size,
+        dino_image_size=config.dino_image_size,
+    )
+    return model.eval(), processor
+
+
+def make_inputs(count: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """``count`` random images of varied sizes and prompts of varied lengths (captions, REC, questions)."""
+    rng = np.random.default_rng(seed)
+    images, questions = [], []
+    for index in range(count):
+        width, height = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        images.append(Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)))
+        kind = index % 3
+        if kind == 0:
+            questions.append(CAPTION_PROMPT)
+        elif kind == 1:
+            questions.append(rec_prompt("the " + "small " * (index % 5) + "object on the left"))
+        else:
+            questions.append(with_image("Is there a " + "red " * (index % 4) + "car in the image?"))
+    return images, questions
+
+
+class _TimedProcessor:
+    """A processor proxy that adds the time of each call (image preprocessing + tokenization) to ``seconds``."""
+
+    def __init__(self, processor: CommProcessor):
+        self.processor = processor
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.processor(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.processor, name)
+
+
+def _timed_method(owner: Any, name: str, totals: dict[str, float]) -> Callable[[], None]:
+    """Wrap ``owner.name`` so its time adds to ``totals[name]``; returns a function restoring the original."""
+    original = getattr(owner, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+
+    setattr(owner, name, timed)
+    return lambda: delattr(owner, name)
+
+
+def run_mode(
+    model: CommForConditionalGeneration,
+    processor: CommProcessor,
+    images: Sequence[Image.Image],
+    questions: Sequence[str],
+    batch_size: int,
+    repeats: int,
+) -> tuple[list[str], dict[str, float]]:
+    """Generate ``NEW_TOKENS`` tokens for every prompt ``repeats`` times; the answers and the fastest run's timings."""
+    best: dict[str, float] | None = None
+    answers: list[str] = []
+    for _ in range(repeats):
+        timed_processor = _TimedProcessor(processor)
+        totals: dict[str, float] = {}
+        restore = _timed_method(model, "get_image_features", totals)
+        try:
+            start = time.perf_counter()
+            answers = generate_answers(
+                model, timed_processor, images, questions, batch_size=batch_size,  # type: ignore[arg-type]
+                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            )  # fmt: skip
+            total = time.perf_counter() - start
+        finally:
+            restore()
+        calls = -(-len(questions) // batch_size)
+        vision = totals.get("get_image_features", 0.0)
+        llm = total - timed_processor.seconds - vision
+        timings = {
+            "seconds": total,
+            "preprocess_s": timed_processor.seconds,
+            "vision_s": vision,
+            "llm_s": llm,
+            "ms_per_decode_step": 1000 * llm / (calls * NEW_TOKENS),
+            "generate_calls": calls,
+        }
+        if best is None or total < best["seconds"]:
+            best = timings
+    if best is None:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    return answers, best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print its JSON line; exit code 1 when the predictions differ."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16 prompts, one timed run per mode")
+    parser.add_argument("--items", type=int, default=None, help="number of prompts (default 32, 16 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode, best kept (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    items = args.items or (BATCH_SIZE if args.quick else 2 * BATCH_SIZE)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if items < 1 or repeats < 1:
+        parser.error("--items and --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench_batched_") as folder:
+        model, processor = build_tiny_model(folder)
+    images, questions = make_inputs(items)
+    # One untimed pass per mode first: the first call with a new input shape is several times slower on CPU
+    # (allocator and oneDNN kernel setup), and one-at-a-time generation meets a new shape with every prompt.
+    run_mode(model, processor, images, questions, 1, 1)
+    run_mode(model, processor, images, questions, BATCH_SIZE, 1)
+    sequential_answers, sequential = run_mode(model, processor, images, questions, 1, repeats)
+    batched_answers, batched = run_mode(model, processor, images, questions, BATCH_SIZE, repeats)
+    identical = batched_answers == sequential_answers
+    result = {
+        "benchmark": "batched_generation",
+        "value": round(sequential["seconds"] / batched["seconds"], 3),
+        "unit": "x",
+        "batch_size": BATCH_SIZE,
+        "identical": identical,
+        "items": items,
+        "new_tokens": NEW_TOKENS,
+        "repeats": repeats,
+        "batched_items_per_s": round(items / batched["seconds"], 3),
+        "sequential_items_per_s": round(items / sequential["seconds"], 3),
+        "batched": {key: round(value, 4) for key, value in batched.items()},
+        "sequential": {key: round(value, 4) for key, value in sequential.items()},
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+    }
+    print(json.dumps(result))
+    if not identical:
+        differing = sum(a != b for a, b in zip(batched_answers, sequential_answers))
+        print(f"error: {differing} of {items} batched answers differ from the one-at-a-time ones", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

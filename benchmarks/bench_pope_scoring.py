@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Benchmark: POPE answers from one forward pass (yes/no logits) vs generation, on the tiny COMM model on CPU.
+
+Prints ONE JSON line: ``{"benchmark": "pope_scoring", "value": <speed ratio>, "unit": "x", "agreement": ...}``.
+``agreement`` compares the logits answer with the official POPE rule applied to the generated text; on a random
+tiny model that text is hardly ever a yes/no answer, so ``agreement_restricted`` also compares with generation
+restricted to the two answer tokens (one token), which must agree exactly (exit code 1 otherwise).
+
+    python benchmarks/bench_pope_scoring.py           # 64 questions, best of 3
+    python benchmarks/bench_pope_scoring.py --quick   # 16 questions, once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_batched_generation import build_tiny_model  # noqa: E402
+
+from comm.conversation import with_image  # noqa: E402
+from comm.evaluation.pope import pope_answer_is_yes  # noqa: E402
+from comm.evaluation.run_pope import NO_ANSWER, POPE_MAX_NEW_TOKENS, YES_ANSWER, yes_no_logits, yes_no_token_ids  # noqa: E402
+from comm.generation import generate_answers  # noqa: E402
+
+BATCH_SIZE = 16
+OBJECTS = ("dog", "cat", "car", "person", "chair", "cup", "bicycle", "bottle")
+
+
+class OnlyTokens(LogitsProcessor):
+    """Let generation choose among ``token_ids`` only."""
+
+    def __init__(self, token_ids: Sequence[int]):
+        self.token_ids = list(token_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = torch.full_like(scores, float("-inf"))
+        mask[:, self.token_ids] = 0
+        return scores + mask
+
+
+def make_questions(count: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """``count`` random images of varied sizes with POPE-style questions."""
+    rng = np.random.default_rng(seed)
+    images, questions = [], []
+    for index in range(count):
+        width, height = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        images.append(Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)))
+        questions.append(with_image(f"Is there a {OBJECTS[index % len(OBJECTS)]} in the image?"))
+    return images, questions
+
+
+def best_time(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+    """``fn()``'s result and its fastest wall time over ``repeats`` runs."""
+    best = float("inf")
+    result = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print its JSON line; exit code 1 when restricted generation disagrees."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="16 questions, one timed run per mode")
+    parser.add_argument("--items", type=int, default=None, help="number of questions (default 64, 16 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per mode, best kept (default 3)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=POPE_MAX_NEW_TOKENS, help="generate mode's token budget (eval default)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    items = args.items or (16 if args.quick else 64)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if items < 1 or repeats < 1 or args.max_new_tokens < 1:
+        parser.error("--items, --repeats and --max-new-tokens must be >= 1")
+
+    with tempfile.TemporaryDirectory(prefix="bench_pope_") as folder:
+        model, processor = build_tiny_model(folder)
+    images, questions = make_questions(items)
+    token_ids = yes_no_token_ids(processor.tokenizer)
+
+    def logits_mode() -> list[bool]:
+        pairs = []
+        for start in range(0, items, BATCH_SIZE):
+            chunk = slice(start, start + BATCH_SIZE)
+            pairs.extend(yes_no_logits(model, processor, images[chunk], questions[chunk], token_ids))
+        return [yes > no for yes, no in pairs]
+
+    def generate_mode() -> list[str]:
+        return generate_answers(
+            model, processor, images, questions, batch_size=BATCH_SIZE, max_new_tokens=args.max_new_tokens
+        )
+
+    # One untimed pass per mode: the first call with a new input shape is several times slower on CPU.
+    logits_mode()
+    generate_mode()
+    logits_yes, logits_s = best_time(logits_mode, repeats)
+    generated, generate_s = best_time(generate_mode, repeats)
+    restricted = generate_answers(
+        model, processor, images, questions, batch_size=BATCH_SIZE, max_new_tokens=1,
+        logits_processor=LogitsProcessorList([OnlyTokens(token_ids)]),
+    )  # fmt: skip
+    generated_yes = [pope_answer_is_yes(text) for text in generated]
+    restricted_yes = [text == YES_ANSWER for text in restricted]
+    unexpected = [text for text in restricted if text not in (YES_ANSWER, NO_ANSWER)]
+    agreement_restricted = sum(a == b for a, b in zip(logits_yes, restricted_yes)) / items
+    result = {
+        "benchmark": "pope_scoring",
+        "value": round(generate_s / logits_s, 3),
+        "unit": "x",
+        "agreement": round(sum(a == b for a, b in zip(logits_yes, generated_yes)) / items, 4),
+        "agreement_restricted": round(agreement_restricted, 4),
+        "items": items,
+        "batch_size": BATCH_SIZE,
+        "generate_max_new_tokens": args.max_new_tokens,
+        "logits_s": round(logits_s, 4),
+        "generate_s": round(generate_s, 4),
+        "logits_items_per_s": round(items / logits_s, 3),
+        "generate_items_per_s": round(items / generate_s, 3),
+        "yes_ratio_logits": round(sum(logits_yes) / items, 4),
+        "yes_ratio_generate": round(sum(generated_yes) / items, 4),
+        "generated_yes_or_no": sum(text.split(" ")[0].strip(".,").lower() in ("yes", "no") for text in generated),
+        "model": "random tiny COMM (free-form text is rarely a yes/no answer)",
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+    }
+    print(json.dumps(result))
+    if unexpected or agreement_restricted != 1.0:
+        print(
+            f"error: logits mode disagrees with generation restricted to ' {YES_ANSWER}'/' {NO_ANSWER}' "
+            f"(agreement {agreement_restricted:.3f}, {len(unexpected)} answers neither)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

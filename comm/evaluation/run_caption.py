@@ -1,0 +1,113 @@
+"""Caption evaluation with a model: caption each test image, then BLEU-4, METEOR, ROUGE-L, CIDEr (SPICE)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from comm.conversation import CAPTION_PROMPT
+from comm.evaluation.caption import CaptionSample, score_captions
+from comm.evaluation.jsonl import iter_jsonl, write_json
+from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, on_main, run_sharded
+from comm.generation import generate_answers
+from comm.processing import load_image
+
+CAPTION_MAX_NEW_TOKENS = 64
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def predict_caption_batch(
+    model: Any, processor: Any, samples: Sequence[CaptionSample], **generate_kwargs: Any
+) -> list[dict[str, Any]]:
+    """Caption one batch of images (one generate call); records ``{"id", "image", "caption"}`` in order."""
+    images = [load_image(sample.image, f"image of caption sample {sample.id}") for sample in samples]
+    questions = [CAPTION_PROMPT] * len(samples)
+    captions = generate_answers(model, processor, images, questions, batch_size=len(samples), **generate_kwargs)
+    return [
+        {"id": sample.id, "image": sample.image, "caption": caption}
+        for sample, caption in zip(samples, captions, strict=True)
+    ]
+
+
+def score_caption_records(
+    records: Sequence[dict[str, Any]], samples: Sequence[CaptionSample], spice: bool = False
+) -> dict[str, float]:
+    """`score_captions` of ``{"id", "caption"}`` records against the samples' references."""
+    predictions = {str(record["id"]): record["caption"] for record in records}
+    references = {sample.id: sample.references for sample in samples}
+    return score_captions(predictions, references, spice=spice)
+
+
+def rescore_caption_file(
+    path: str | os.PathLike[str], samples: Sequence[CaptionSample], spice: bool = False
+) -> dict[str, float]:
+    """Re-score a predictions file written by `evaluate_captions` against ``samples`` (no model)."""
+    path = Path(path)
+    records = []
+    seen: dict[str, int] = {}
+    for line_number, record in iter_jsonl(path):
+        where = f"{path}, line {line_number}"
+        missing = [key for key in ("id", "caption") if key not in record]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+        if not isinstance(record["caption"], str):
+            raise ValueError(f"{where}: 'caption' must be a string, got {type(record['caption']).__name__}")
+        key = str(record["id"])
+        if key in seen:
+            raise ValueError(f"{where}: duplicate id {record['id']!r} (first on line {seen[key]})")
+        seen[key] = line_number
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no predictions")
+    try:
+        return score_caption_records(records, samples, spice=spice)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def evaluate_captions(
+    model: Any,
+    processor: Any,
+    samples: Sequence[CaptionSample],
+    out_dir: str | os.PathLike[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_new_tokens: int = CAPTION_MAX_NEW_TOKENS,
+    spice: bool = False,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> dict[str, float]:
+    """Caption ``samples`` into ``predictions.jsonl`` (resumable, sharded), score them into ``metrics.json``.
+
+    Returns BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE with ``spice``) on every rank.
+    """
+    check_files_exist((sample.image for sample in samples), "image")
+    out_dir = Path(out_dir)
+    generate_kwargs["max_new_tokens"] = max_new_tokens
+
+    def predict(batch: list[CaptionSample]) -> list[dict[str, Any]]:
+        return predict_caption_batch(model, processor, batch, **generate_kwargs)
+
+    records = run_sharded(
+        samples,
+        lambda sample: sample.id,
+        predict,
+        out_dir / PREDICTIONS_FILE,
+        key="id",
+        batch_size=batch_size,
+        progress=progress,
+        description="captions",
+    )
+
+    def finish() -> dict[str, float]:
+        if records is None:
+            raise RuntimeError("rank 0 holds no captions after the run")
+        metrics = score_caption_records(records, samples, spice=spice)
+        write_json(out_dir / METRICS_FILE, metrics)
+        return metrics
+
+    metrics = on_main(finish)
+    if metrics is None:
+        raise RuntimeError("no caption metrics came back from rank 0")
+    return metrics

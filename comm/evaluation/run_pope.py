@@ -1,0 +1,202 @@
+"""POPE evaluation with a model: answer yes/no questions by generation or by one forward pass (logits)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comm.conversation import VICUNA_V1, ConversationTemplate, with_image
+from comm.evaluation.jsonl import write_json
+from comm.evaluation.pope import score_pope, summarize_pope_splits
+from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, on_main, run_sharded
+from comm.generation import generate_answers
+from comm.processing import load_image
+
+POPE_MAX_NEW_TOKENS = 32  # the official rule reads the first sentence only
+ANSWER_MODES = ("generate", "logits")
+YES_ANSWER, NO_ANSWER = "Yes", "No"
+
+
+def answers_file(out_dir: str | os.PathLike[str], split: str) -> Path:
+    """Where the answers of ``split`` go: ``{out_dir}/answers_{split}.jsonl``."""
+    return Path(out_dir) / f"answers_{split}.jsonl"
+
+
+def answer_token_id(tokenizer: Any, answer: str, template: ConversationTemplate = VICUNA_V1) -> int:
+    """The first token of ``answer`` as the assistant writes it after ``ASSISTANT:`` (with its leading space).
+
+    Found by tokenizing a rendered prompt with and without the answer, so SentencePiece's ``▁Yes`` (the space
+    glued to the word) is what comes out, not a bare ``Yes`` or a lone ``▁`` piece.
+    """
+    prompt = template.prompt("Is there a cat in the image?")
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(prompt + f" {answer}")["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) <= len(prompt_ids):
+        raise ValueError(
+            f"the tokenizer does not tokenize the prompt the same with and without the answer {answer!r}: "
+            "cannot find the answer's first token"
+        )
+    return int(full_ids[len(prompt_ids)])
+
+
+def yes_no_token_ids(tokenizer: Any, template: ConversationTemplate = VICUNA_V1) -> tuple[int, int]:
+    """Token ids of the first tokens of " Yes" and " No" as the assistant would answer."""
+    yes_id = answer_token_id(tokenizer, YES_ANSWER, template)
+    no_id = answer_token_id(tokenizer, NO_ANSWER, template)
+    if yes_id == no_id:
+        raise ValueError(f"' {YES_ANSWER}' and ' {NO_ANSWER}' start with the same token ({yes_id})")
+    return yes_id, no_id
+
+
+@torch.inference_mode()
+def yes_no_logits(
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    questions: Sequence[str],
+    token_ids: tuple[int, int],
+    template: ConversationTemplate = VICUNA_V1,
+) -> list[tuple[float, float]]:
+    """Next-token logits ``(yes, no)`` after each prompt: ONE left-padded forward pass for the whole batch."""
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+    prompts = [template.prompt(question) for question in questions]
+    inputs = processor(text=prompts, images=list(images), padding_side="left").to(model.device)
+    inputs["pixel_values_clip"] = inputs["pixel_values_clip"].to(model.dtype)
+    inputs["pixel_values_dino"] = inputs["pixel_values_dino"].to(model.dtype)
+    logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
+    chosen = logits[:, list(token_ids)].cpu()
+    return [(float(yes), float(no)) for yes, no in chosen.tolist()]
+
+
+def pope_record(question: Mapping[str, Any], text: str, model_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """An answers-file line in LLaVA's format (``question_id``, ``prompt``, ``text``, ``model_id``, ``metadata``)."""
+    return {
+        "question_id": question["question_id"],
+        "prompt": question["text"],
+        "text": text,
+        "model_id": model_id,
+        "metadata": metadata,
+    }
+
+
+def predict_pope_batch(
+    model: Any,
+    processor: Any,
+    questions: Sequence[Mapping[str, Any]],
+    image_dir: str | os.PathLike[str] | None,
+    model_id: str,
+    answer_mode: str = "generate",
+    token_ids: tuple[int, int] | None = None,
+    **generate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Answer one batch of POPE questions and return their answers-file records in order."""
+    root = Path(image_dir) if image_dir is not None else Path()
+    images = [load_image(root / q["image"], f"image of POPE question {q['question_id']}") for q in questions]
+    prompts = [with_image(q["text"]) for q in questions]
+    if answer_mode == "generate":
+        texts = generate_answers(model, processor, images, prompts, batch_size=len(prompts), **generate_kwargs)
+        return [pope_record(q, text, model_id, {"answer_mode": "generate"}) for q, text in zip(questions, texts)]
+    if answer_mode != "logits":
+        raise ValueError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, got {answer_mode!r}")
+    if token_ids is None:
+        token_ids = yes_no_token_ids(processor.tokenizer)
+    records = []
+    for question, (yes, no) in zip(questions, yes_no_logits(model, processor, images, prompts, token_ids)):
+        text = YES_ANSWER if yes > no else NO_ANSWER
+        metadata = {"answer_mode": "logits", "yes_logit": yes, "no_logit": no}
+        records.append(pope_record(question, text, model_id, metadata))
+    return records
+
+
+def evaluate_pope(
+    model: Any,
+    processor: Any,
+    questions: Sequence[Mapping[str, Any]],
+    image_dir: str | os.PathLike[str] | None,
+    answers_path: str | os.PathLike[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    answer_mode: str = "generate",
+    max_new_tokens: int = POPE_MAX_NEW_TOKENS,
+    model_id: str = "comm",
+    progress: bool = True,
+    description: str = "POPE",
+    **generate_kwargs: Any,
+) -> dict[str, Any]:
+    """Answer one POPE split into ``answers_path`` (resumable, sharded) and return its `score_pope` metrics."""
+    if answer_mode not in ANSWER_MODES:
+        raise ValueError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, got {answer_mode!r}")
+    root = Path(image_dir) if image_dir is not None else Path()
+    check_files_exist((root / question["image"] for question in questions), "image")
+    token_ids = yes_no_token_ids(processor.tokenizer) if answer_mode == "logits" else None
+    generate_kwargs["max_new_tokens"] = max_new_tokens
+
+    def predict(batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return predict_pope_batch(
+            model, processor, batch, image_dir, model_id, answer_mode, token_ids, **generate_kwargs
+        )
+
+    records = run_sharded(
+        questions,
+        lambda question: question["question_id"],
+        predict,
+        answers_path,
+        key="question_id",
+        batch_size=batch_size,
+        progress=progress,
+        description=description,
+    )
+
+    def finish() -> dict[str, Any]:
+        if records is None:
+            raise RuntimeError("rank 0 holds no POPE answers after the run")
+        return score_pope({record["question_id"]: record["text"] for record in records}, list(questions))
+
+    metrics = on_main(finish)
+    if metrics is None:
+        raise RuntimeError("no POPE metrics came back from rank 0")
+    return metrics
+
+
+def evaluate_pope_splits(
+    model: Any,
+    processor: Any,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    image_dir: str | os.PathLike[str] | None,
+    out_dir: str | os.PathLike[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    answer_mode: str = "generate",
+    max_new_tokens: int = POPE_MAX_NEW_TOKENS,
+    model_id: str = "comm",
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate each split (``answers_{split}.jsonl``) and write ``metrics.json``.
+
+    Returns one split's `score_pope` metrics, or `summarize_pope_splits` of all (mean F1 and accuracy) for several.
+    """
+    if not splits:
+        raise ValueError("no POPE splits to evaluate")
+    results = {}
+    for split, questions in splits.items():
+        results[split] = evaluate_pope(
+            model,
+            processor,
+            questions,
+            image_dir,
+            answers_file(out_dir, split),
+            batch_size=batch_size,
+            answer_mode=answer_mode,
+            max_new_tokens=max_new_tokens,
+            model_id=model_id,
+            progress=progress,
+            description=f"POPE {split}",
+            **generate_kwargs,
+        )
+    metrics = next(iter(results.values())) if len(results) == 1 else summarize_pope_splits(results)
+    on_main(lambda: write_json(Path(out_dir) / METRICS_FILE, metrics), share=False)
+    return metrics

@@ -1,0 +1,123 @@
+"""REC evaluation with a model: ground each expression, map the box to pixels, Acc@0.5, predictions jsonl."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from comm.boxes import box_iou, denormalize_box, parse_box
+from comm.conversation import rec_prompt
+from comm.evaluation.jsonl import write_json
+from comm.evaluation.rec import RecSample, score_rec
+from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, on_main, run_sharded
+from comm.generation import generate_answers
+from comm.processing import load_image
+
+REC_MAX_NEW_TOKENS = 64  # "[0.123,0.456,0.789,0.999]" is ~27 LLaMA tokens (digits are single tokens)
+PREDICTIONS_FILE = "predictions.jsonl"
+VISUALIZATION_FILE = "visualization.png"
+
+
+def rec_record(sample: RecSample, answer: str, width: int, height: int) -> dict[str, Any]:
+    """The predictions-file line for ``sample``: the answer's first box mapped to original-image pixels."""
+    normalized = parse_box(answer)
+    pred_box = list(denormalize_box(normalized, width, height)) if normalized is not None else None
+    gt_box = list(sample.bbox_xyxy)
+    return {
+        "id": sample.id,
+        "expression": sample.expression,
+        "answer": answer,
+        "pred_box": pred_box,
+        "gt_box": gt_box,
+        "iou": box_iou(pred_box, gt_box),
+    }
+
+
+def predict_rec_batch(
+    model: Any, processor: Any, samples: Sequence[RecSample], **generate_kwargs: Any
+) -> list[dict[str, Any]]:
+    """Ground one batch of samples (one generate call) and return their prediction records in order."""
+    images = [load_image(sample.image, f"image of REC sample {sample.id}") for sample in samples]
+    questions = [rec_prompt(sample.expression) for sample in samples]
+    answers = generate_answers(model, processor, images, questions, batch_size=len(samples), **generate_kwargs)
+    return [
+        rec_record(sample, answer, *image.size) for sample, image, answer in zip(samples, images, answers, strict=True)
+    ]
+
+
+def save_rec_visualization(
+    records: Sequence[dict[str, Any]], samples: Sequence[RecSample], count: int, path: str | os.PathLike[str]
+) -> Path:
+    """Draw the first ``count`` predictions (gt green, prediction red, expression and IoU below) into one PNG."""
+    from comm.visualize import save_rec_grid
+
+    images = {sample.id: sample.image for sample in samples}
+    cells = []
+    for record in records[:count]:
+        caption = f"{record['expression']} (IoU {record['iou']:.2f})"
+        if record["pred_box"] is None:
+            caption += " [no box]"
+        cells.append(
+            {
+                "image": images[record["id"]],
+                "gt_box": record["gt_box"],
+                "pred_box": record["pred_box"],
+                "caption": caption,
+            }
+        )
+    path = Path(path)
+    save_rec_grid(cells, path, columns=min(4, len(cells)))
+    return path
+
+
+def evaluate_rec(
+    model: Any,
+    processor: Any,
+    samples: Sequence[RecSample],
+    out_dir: str | os.PathLike[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_new_tokens: int = REC_MAX_NEW_TOKENS,
+    visualize: int = 0,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> dict[str, Any]:
+    """Run REC on ``samples``: writes ``predictions.jsonl``, ``metrics.json`` (and ``visualization.png``).
+
+    Resumes from the predictions already in ``out_dir``; under torchrun the samples are sharded over ranks
+    and rank 0 writes the files. Returns the metrics (``accuracy``, ``n``, ``no_box``) on every rank.
+    """
+    if visualize < 0:
+        raise ValueError(f"visualize must be >= 0, got {visualize}")
+    check_files_exist((sample.image for sample in samples), "image")
+    out_dir = Path(out_dir)
+    generate_kwargs["max_new_tokens"] = max_new_tokens
+
+    def predict(batch: list[RecSample]) -> list[dict[str, Any]]:
+        return predict_rec_batch(model, processor, batch, **generate_kwargs)
+
+    records = run_sharded(
+        samples,
+        lambda sample: sample.id,
+        predict,
+        out_dir / PREDICTIONS_FILE,
+        key="id",
+        batch_size=batch_size,
+        progress=progress,
+        description="REC",
+    )
+
+    def finish() -> dict[str, Any]:
+        if records is None:
+            raise RuntimeError("rank 0 holds no REC predictions after the run")
+        metrics = score_rec(records)
+        write_json(out_dir / METRICS_FILE, metrics)
+        if visualize:
+            save_rec_visualization(records, samples, visualize, out_dir / VISUALIZATION_FILE)
+        return metrics
+
+    metrics = on_main(finish)
+    if metrics is None:
+        raise RuntimeError("no REC metrics came back from rank 0")
+    return metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import (
@@ -36,8 +38,19 @@ class CommPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, LLNLayerscale):
+        # Only the modules between the towers and the LLM get here: the towers and the LLM are PreTrainedModels
+        # and bring their own init. These get PyTorch's fan-in init (as LLaVA's projector keeps): the usual
+        # N(0, 0.02) scales features by 0.02 * sqrt(width) per layer, so over the merger -> aligner -> projector
+        # chain a narrow model would feed the LLM an image ~100x fainter than its text and learn to ignore it.
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, LLNLayerscale):
             init.constant_(module.layer_scale, module.scale_init)
 
 

@@ -86,9 +86,10 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> CommForConditionalGeneration:
         """Load like any `PreTrainedModel`, then re-freeze the towers (loading makes fresh parameters)."""
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
         model.freeze_towers()
-        return model
+        return loaded
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

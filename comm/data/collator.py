@@ -1,0 +1,60 @@
+"""Batch collation for training: right padding of ids and labels, pixel values of both towers stacked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from comm.data.datasets import IGNORE_INDEX
+from comm.model.modeling import PIXEL_INPUTS
+from comm.processing import IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, CommProcessor, pad_sequences
+
+
+@dataclass
+class CommDataCollator:
+    """Pad ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100) on the right; stack the images.
+
+    Samples without an image contribute no pixel values. A batch with no image at all gets ``blank_image`` with
+    its placeholder tokens appended to the shortest row as masked padding (attention 0, labels -100): the model
+    then runs its vision modules on every batch, as ZeRO-3 (parameters gathered collectively, in module order)
+    and DDP (a gradient for every trained parameter) need across ranks, while the loss is unchanged.
+    """
+
+    pad_token_id: int
+    blank_image: dict[str, torch.Tensor] | None = None
+    blank_image_ids: Sequence[int] = ()
+
+    @classmethod
+    def for_processor(cls, processor: CommProcessor) -> CommDataCollator:
+        """A collator with the processor's pad id and a blank (pad-colour) image for image-less batches."""
+        side = max(processor.clip_image_processor.size["height"], processor.dino_image_processor.size["height"])
+        blank = processor.preprocess_images([Image.new("RGB", (side, side), processor.pad_color)])
+        tokens = [IMAGE_START_TOKEN] + [IMAGE_PATCH_TOKEN] * processor.num_image_tokens + [IMAGE_END_TOKEN]
+        ids = processor.tokenizer.convert_tokens_to_ids(tokens)
+        return cls(processor.pad_token_id, blank, ids)
+
+    def __call__(self, features: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Collate dataset items into a training batch."""
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        sequences = [f["input_ids"].tolist() for f in features]
+        with_images = [f for f in features if PIXEL_INPUTS[0] in f]
+        blank_row = None
+        if not with_images and self.blank_image is not None:
+            blank_row = min(range(len(sequences)), key=lambda row: len(sequences[row]))
+            sequences[blank_row] = sequences[blank_row] + list(self.blank_image_ids)
+        batch = pad_sequences(sequences, self.pad_token_id, side="right")
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        for row, feature in enumerate(features):
+            labels[row, : len(feature["labels"])] = feature["labels"]
+        batch["labels"] = labels
+        if blank_row is not None:
+            batch["attention_mask"][blank_row, len(features[blank_row]["input_ids"]) :] = 0
+            batch.update({key: self.blank_image[key] for key in PIXEL_INPUTS})
+        elif with_images:
+            for key in PIXEL_INPUTS:
+                batch[key] = torch.cat([f[key] for f in with_images], dim=0)
+        return batch

@@ -1,0 +1,204 @@
+"""`comm-train`: COMM stage 1 / stage 2 training with the transformers Trainer (single process, torchrun, DeepSpeed).
+
+    deepspeed --num_gpus 8 train/train.py --stage 1 --deepspeed zero_configs/zero2.json \\
+        --clip openai/clip-vit-large-patch14-336 --dino facebook/dinov2-large --llm lmsys/vicuna-7b-v1.5 \\
+        --data llava_pretrain.json refcoco.jsonl --output_dir checkpoints/stage1 ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import ProgressCallback, TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from comm.data import CommDataCollator, IssueLog, build_dataset, parse_data_specs
+from comm.model.build import build_from_components
+from comm.model.modeling import CommForConditionalGeneration
+from comm.processing import CommProcessor
+from comm.training.arguments import CommTrainingArguments, DataArguments, ModelArguments, parse_arguments
+from comm.training.plots import plot_loss
+from comm.training.trainer import CommTrainer, ProgressBarCallback, zero3_init_disabled
+
+EXPORT_FOLDER = "final"
+DATA_SUMMARY = "data_summary.json"
+LOG_HISTORY = "log_history.json"
+LOSS_PLOT = "loss.png"
+AUTO_RESUME = ("auto", "last", "true")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: its folders, the Trainer's log history and the data summary."""
+
+    output_dir: Path
+    export_dir: Path
+    log_history: list[dict]
+    data_summary: dict
+
+
+def load_dtype(args: CommTrainingArguments) -> torch.dtype:
+    """Weights dtype at load: 16-bit under DeepSpeed mixed precision (it casts anyway), else fp32 (Trainer autocast)."""
+    if args.deepspeed and args.bf16:
+        return torch.bfloat16
+    if args.deepspeed and args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_model(
+    model_args: ModelArguments, data_args: DataArguments, training_args: CommTrainingArguments
+) -> tuple[CommForConditionalGeneration, CommProcessor]:
+    """The model and processor from a COMM folder or from component checkpoints; towers frozen."""
+    dtype = load_dtype(training_args)
+    with zero3_init_disabled():
+        if model_args.model_name_or_path:
+            model = CommForConditionalGeneration.from_pretrained(
+                model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+            )
+            processor = CommProcessor.from_pretrained(
+                model_args.model_name_or_path, model_max_length=data_args.model_max_length
+            )
+        else:
+            model, processor = build_from_components(
+                model_args.clip,
+                model_args.dino,
+                model_args.llm,
+                tokenizer=model_args.tokenizer,
+                dtype=dtype,
+                attn_implementation=model_args.attn_implementation,
+                model_max_length=data_args.model_max_length,
+                **model_args.config_fields(),
+            )
+    if processor.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token (and no unk/eos token to use as one)")
+    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    if positions is not None and data_args.model_max_length > positions and training_args.process_index == 0:
+        print(
+            f"warning: --model_max_length {data_args.model_max_length} exceeds the LLM's max_position_embeddings "
+            f"({positions})",
+            file=sys.stderr,
+        )
+    return model, processor
+
+
+def configure_trainable(model: CommForConditionalGeneration, model_args: ModelArguments) -> None:
+    """Set what trains: towers never; the vision-side modules always; the LLM fully, through LoRA, or not at all."""
+    model.requires_grad_(False)
+    if model_args.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=list(model_args.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model.language_model = get_peft_model(model.language_model, config)
+    elif model_args.tune == "all":
+        model.language_model.requires_grad_(True)
+    for module in model.trainable_vision_modules().values():
+        module.requires_grad_(True)
+    model.freeze_towers()
+
+
+def lora_scaling(model_args: ModelArguments) -> float | None:
+    """The LoRA merge factor ``alpha / r``, or None without LoRA."""
+    return model_args.lora_alpha / model_args.lora_r if model_args.lora_r else None
+
+
+def check_deepspeed_config(args: CommTrainingArguments) -> None:
+    """ZeRO-3 must gather 16-bit weights at save time, or the export would not be a loadable model."""
+    config = getattr(args, "hf_deepspeed_config", None)
+    if config is None or not config.is_zero3():
+        return
+    if not config.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save", False):
+        raise ValueError(
+            f"--deepspeed {args.deepspeed}: ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save "
+            "= true so that the final export holds the full weights"
+        )
+
+
+def resolve_resume(args: CommTrainingArguments) -> str | None:
+    """The checkpoint to resume from: a given folder, or with 'auto' the last one in output_dir (if any)."""
+    value = args.resume_from_checkpoint
+    if not value:
+        return None
+    if value.lower() in AUTO_RESUME:
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None and args.process_index == 0:
+            print(f"--resume_from_checkpoint {value}: no checkpoint in {args.output_dir}, starting from scratch")
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint: no such checkpoint folder: {value}")
+    return value
+
+
+def write_outputs(output_dir: Path, log_history: list[dict], issues: IssueLog, stage: int) -> None:
+    """``log_history.json``, ``loss.png`` and ``data_summary.json`` in ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / LOG_HISTORY).write_text(json.dumps(log_history, indent=2) + "\n")
+    plot_loss(log_history, output_dir / LOSS_PLOT, title=f"COMM stage {stage}: training loss")
+    issues.write(output_dir / DATA_SUMMARY)
+
+
+def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Train COMM as the command line says, export ``{output_dir}/final`` and return what was produced."""
+    model_args, data_args, training_args = parse_arguments(argv)
+    check_deepspeed_config(training_args)
+    is_main = training_args.process_index == 0
+    set_seed(training_args.seed)
+
+    model, processor = load_model(model_args, data_args, training_args)
+    configure_trainable(model, model_args)
+
+    issues = IssueLog(strict=data_args.strict)
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    dataset = build_dataset(
+        parse_data_specs(data_args.data),
+        processor,
+        issues,
+        seed=seed,
+        image_folder=data_args.image_folder,
+        model_max_length=data_args.model_max_length,
+        verify_images=data_args.verify_images,
+        progress=is_main and not training_args.disable_tqdm,
+    )
+    if is_main:
+        print(issues.format_summary())
+    if len(dataset) == 0:
+        raise ValueError("no training samples are left after validation: see the data summary above")
+
+    trainer = CommTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=CommDataCollator.for_processor(processor),
+        processing_class=processor,
+        callbacks=list(callbacks),
+    )
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBarCallback())
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+
+    output_dir = Path(training_args.output_dir)
+    export_dir = output_dir / EXPORT_FOLDER
+    trainer.export(export_dir, lora_scaling(model_args))
+    log_history = list(trainer.state.log_history)
+    if is_main:
+        write_outputs(output_dir, log_history, issues, training_args.stage)
+        print(issues.format_summary())
+        print(f"exported model and processor to {export_dir}")
+    return TrainResult(output_dir, export_dir, log_history, issues.summary())
+
+
+if __name__ == "__main__":
+    main()

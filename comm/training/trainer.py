@@ -1,0 +1,218 @@
+"""`CommTrainer`: checkpoints that hold only the trained weights, LoRA-merging export, and a progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from accelerate.utils import DeepSpeedSchedulerWrapper
+from torch.utils.data import Sampler
+from transformers import ProgressCallback, Trainer
+from transformers.integrations import deepspeed as hf_deepspeed
+from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from comm.model.modeling import CommForConditionalGeneration
+
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+LORA_WRAPPER_PREFIX = "language_model.base_model.model."  # where peft puts the LLM inside its wrapper
+
+
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Build models outside DeepSpeed's ``zero.Init`` (transformers enters it whenever ZeRO-3 is configured).
+
+    At load time the model is assembled from parts (meta device, resized embeddings) that zero.Init does not
+    support, and the engine partitions it afterwards; at export the main process alone builds a plain copy, where
+    zero.Init's collectives would wait forever for the other ranks.
+    """
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+class CommTrainer(Trainer):
+    """A `Trainer` whose checkpoints hold only the parameters being trained (never the frozen towers).
+
+    Checkpoint folders get ``trainable.safetensors`` (plus the config and processor) instead of a full model, and
+    DeepSpeed checkpoints are written with ``exclude_frozen_parameters``; resuming loads them back on top of the
+    frozen weights the run starts from. The final export (`export`) is a complete `from_pretrained` folder.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainable_names = {name for name, param in self.model.named_parameters() if param.requires_grad}
+        if not self.trainable_names:
+            raise ValueError("nothing to train: every parameter of the model is frozen")
+        self._saving_checkpoint = False
+
+    # --- sampling -------------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
+        """Length-grouped batches from the lengths measured at tokenization (no pass over the images)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._saving_checkpoint:
+            super()._save(output_dir, state_dict)
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        trained = {
+            name: tensor.detach().to("cpu").contiguous()
+            for name, tensor in state_dict.items()
+            if name in self.trainable_names
+        }
+        # Under ZeRO-3 without 16-bit gathering the state dict is empty: the DeepSpeed checkpoint holds the weights.
+        if trained:
+            safetensors.torch.save_file(trained, os.path.join(output_dir, TRAINABLE_WEIGHTS), metadata={"format": "pt"})
+        self.accelerator.unwrap_model(self.model).config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        path = os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS)
+        if not os.path.isfile(path):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        model = model if model is not None else self.model
+        state = safetensors.torch.load_file(path)
+        missing = sorted(self.trainable_names - state.keys())
+        unexpected = sorted(state.keys() - set(model.state_dict()))
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not match the parameters this run trains (was it written with other --tune or "
+                f"--lora_r settings?): missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        model.load_state_dict(state, strict=False)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if not self.is_deepspeed_enabled or resume_from_checkpoint is None:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        # The DeepSpeed checkpoint lacks the frozen parameters on purpose: load its module states non-strictly.
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    # --- export -------------------------------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on the main process (gathered from ZeRO-3 partitions when needed)."""
+        if self.is_deepspeed_enabled:
+            return self.accelerator.get_state_dict(self.deepspeed)
+        return self.accelerator.unwrap_model(self.model).state_dict()
+
+    def export(self, export_dir: str | Path, lora_scaling: float | None = None) -> None:
+        """Write a complete model + processor folder that ``from_pretrained`` loads; LoRA is merged first."""
+        export_dir = str(export_dir)
+        if lora_scaling is None:
+            self.save_model(export_dir)
+        else:
+            state_dict = self.full_state_dict()
+            if self.args.should_save:
+                merged = merge_lora_state_dict(state_dict, lora_scaling)
+                save_clean_model(self.accelerator.unwrap_model(self.model).config, merged, export_dir)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(export_dir)
+        self.accelerator.wait_for_everyone()
+
+
+def merge_lora_state_dict(
+    state_dict: dict[str, torch.Tensor], scaling: float, adapter: str = "default"
+) -> dict[str, torch.Tensor]:
+    """A plain model's state dict from one whose LLM carries peft LoRA layers: ``W + scaling * B @ A``, renamed."""
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        if ".base_layer." in key:
+            module, param = key.split(".base_layer.", 1)
+            if param == "weight":
+                lora_a = state_dict[f"{module}.lora_A.{adapter}.weight"].float()
+                lora_b = state_dict[f"{module}.lora_B.{adapter}.weight"].float()
+                value = (value.float() + scaling * (lora_b @ lora_a)).to(value.dtype)
+            key = f"{module}.{param}"
+        if key.startswith(LORA_WRAPPER_PREFIX):
+            key = "language_model." + key[len(LORA_WRAPPER_PREFIX) :]
+        merged[key] = value
+    return merged
+
+
+def save_clean_model(config, state_dict: dict[str, torch.Tensor], folder: str | Path) -> None:
+    """Save ``state_dict`` as a `CommForConditionalGeneration` folder; every key must match the model exactly."""
+    with zero3_init_disabled():
+        with torch.device("meta"):
+            model = CommForConditionalGeneration(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.save_pretrained(folder)
+
+
+class ProgressBarCallback(ProgressCallback):
+    """The Trainer's tqdm bar with loss, learning rate and samples/s in its postfix (instead of printed dicts)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.start_time = time.perf_counter()
+        self.start_step = state.global_step
+        self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        self.postfix: dict[str, str] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            elapsed = time.perf_counter() - self.start_time
+            samples = (state.global_step - self.start_step) * self.samples_per_step
+            self.postfix["samples/s"] = f"{samples / max(elapsed, 1e-9):.2f}"
+            self.training_bar.set_postfix(self.postfix, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.postfix["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            self.postfix["lr"] = f"{logs['learning_rate']:.2e}"
+        self.training_bar.set_postfix(self.postfix)
+        if "train_runtime" in logs:
+            summary = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items() if k != "total_flos"}
+            self.training_bar.write(str(summary))

@@ -1,0 +1,373 @@
+"""Training data: assistant-only labels, bad-input reports, mixtures, grounding boxes and collation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from comm import CommConfig, add_image_tokens, build_processor
+from comm.conversation import VICUNA_V1, rec_prompt
+from comm.data import (
+    IGNORE_INDEX,
+    CommDataCollator,
+    DataError,
+    DataSpec,
+    IssueKind,
+    IssueLog,
+    SampleEncoder,
+    build_dataset,
+    load_samples,
+    mixture_indices,
+    parse_data_specs,
+)
+from comm.data.datasets import Sample
+from comm.demo.tokenizer import train_demo_tokenizer
+
+TURNS = (
+    ("<image>\nWhat is in the picture?", "A red circle on grey."),
+    ("Where is it?", "Near the top left corner [0.120,0.050,0.400,0.375], sized 3 x 4."),
+    ("Thanks. Anything else?", "No."),
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread: two OpenMP threads on a busy 2-core machine can be ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def processor_for(tokenizer, model_max_length: int = 2048):
+    """A CommProcessor of the tiny config around ``tokenizer`` (image tokens added)."""
+    add_image_tokens(tokenizer)
+    return build_processor(tokenizer, CommConfig.tiny(vocab_size=len(tokenizer)), model_max_length=model_max_length)
+
+
+def demo_tokenizer():
+    """The demo BPE tokenizer trained on the test texts."""
+    return train_demo_tokenizer([answer for _, answer in TURNS] + [question for question, _ in TURNS])
+
+
+def image_sample(tmp_path: Path, turns=TURNS, size=(48, 32)) -> Sample:
+    """A `Sample` with an image file on disk."""
+    path = tmp_path / "image.png"
+    Image.new("RGB", size, (10, 200, 30)).save(path)
+    return Sample(file="x.json", line=1, index=0, turns=tuple(turns), image=path)
+
+
+def decoded_targets(tokenizer, encoded) -> list[str]:
+    """Decode each contiguous run of unmasked labels."""
+    labels = encoded.labels()
+    runs, current = [], []
+    for label in labels:
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(int(label))
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+@pytest.mark.parametrize("kind", ["llama", "demo"])
+def test_labels_decode_to_exactly_the_assistant_replies(kind, llama_tokenizer, tmp_path):
+    tokenizer = llama_tokenizer if kind == "llama" else demo_tokenizer()
+    processor = processor_for(tokenizer)
+    encoder = SampleEncoder(processor)
+    encoded = encoder.encode(image_sample(tmp_path))
+
+    replies = [text.strip() for text in decoded_targets(tokenizer, encoded)]
+    assert replies == [f"{answer}</s>" for _, answer in TURNS]
+    labels = encoded.labels()
+    ids = encoded.input_ids.astype(np.int64)
+    image_ids = set(tokenizer.convert_tokens_to_ids(["<im_patch>", "<im_start>", "<im_end>"]))
+    assert all(labels[i] == IGNORE_INDEX for i in range(len(ids)) if ids[i] in image_ids)
+    assert sum(ids == processor.image_token_id) == processor.num_image_tokens
+    # the system prompt and the questions carry no loss
+    unmasked = labels != IGNORE_INDEX
+    assert 0 < unmasked.sum() < len(labels) / 2
+    assert (labels[unmasked] == ids[unmasked]).all()
+
+
+def test_label_masking_on_text_only_and_rec_samples(llama_tokenizer, tmp_path):
+    processor = processor_for(llama_tokenizer)
+    encoder = SampleEncoder(processor)
+    text_only = Sample("x.json", 1, 0, (("Say yes.", "Yes"),))
+    assert [t.strip() for t in decoded_targets(llama_tokenizer, encoder.encode(text_only))] == ["Yes</s>"]
+    (tmp_path / "img.png").parent.mkdir(exist_ok=True)
+    Image.new("RGB", (40, 80)).save(tmp_path / "img.png")
+    (tmp_path / "rec.jsonl").write_text(json.dumps({"image": "img.png", "expression": "it", "bbox": [0, 0, 40, 80]}))
+    log = IssueLog(strict=True)
+    dataset = build_dataset([DataSpec(tmp_path / "rec.jsonl")], processor, log)
+    answer = decoded_targets(llama_tokenizer, dataset.encoded(0))
+    assert [a.strip() for a in answer] == ["[0.250,0.000,0.750,1.000]</s>"]
+
+
+def test_boxes_are_normalised_against_the_padded_square(tmp_path):
+    # 100x50 image: the padded square is 100x100 with the image 25 px down.
+    Image.new("RGB", (100, 50), (0, 0, 255)).save(tmp_path / "wide.png")
+    Image.new("RGB", (40, 80), (0, 0, 255)).save(tmp_path / "tall.png")
+    rec = {"image": "wide.png", "expression": "the blue thing", "bbox": [10, 5, 20, 10]}  # x, y, w, h
+    shikra = {
+        "image": "tall.png",
+        "boxes": [[0, 0, 40, 80], [10, 20, 30, 40]],
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is at <box>?"},
+            {"from": "gpt", "value": "A square at <box>."},
+        ],
+    }
+    (tmp_path / "data.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(shikra) + "\n")
+    samples = load_samples(DataSpec(tmp_path / "data.jsonl"), IssueLog(strict=True))
+    # x: (10 + 0) / 100 .. (30 + 0) / 100; y: (5 + 25) / 100 .. (15 + 25) / 100
+    assert samples[0].turns == ((rec_prompt("the blue thing"), "[0.100,0.300,0.300,0.400]"),)
+    # 40x80: the square is 80x80 with the image 20 px right
+    assert samples[1].turns == (
+        ("<image>\nWhat is at [0.250,0.000,0.750,1.000]?", "A square at [0.375,0.250,0.625,0.500]."),
+    )
+
+
+def message(role: str, value: str) -> dict:
+    """One LLaVA conversation message."""
+    return {"from": role, "value": value}
+
+
+def write_bad_inputs(folder: Path) -> dict[str, tuple[str, int, IssueKind]]:
+    """A JSON list and a jsonl file with one sample of each bad kind; returns id -> (file, line, kind)."""
+    Image.new("RGB", (64, 32), (1, 2, 3)).save(folder / "ok.png")
+    (folder / "broken.png").write_bytes(b"not a png at all")
+
+    def conv(sample_id, image="ok.png", question="<image>\nWhat?", answer="That.", **extra):
+        turns = [message("human", question), message("gpt", answer)]
+        return {"id": sample_id, "image": image, "conversations": turns, **extra}
+
+    samples = [
+        conv("good"),
+        conv("missing", image="nowhere.png"),
+        conv("broken", image="broken.png"),
+        {"id": "empty", "image": "ok.png", "conversations": []},
+        {"id": "order", "image": "ok.png", "conversations": [message("gpt", "a"), message("human", "b")]},
+        conv("blank", answer="  "),
+        {"id": "nokeys", "image": "ok.png", "conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]},
+        conv("outside", question="<image>\nWhere is <box>?", answer="There.", boxes=[[0, 0, 80, 10]]),
+        conv("inverted", question="<image>\nWhere is <box>?", answer="There.", boxes=[[30, 0, 10, 10]]),
+        conv("long", answer="word " * 300),
+        conv("good2", answer="Yes."),
+    ]
+    text = json.dumps(samples, indent=2)
+    (folder / "conv.json").write_text(text)
+    lines = text.splitlines()
+    expected = {}
+    kinds = {
+        "missing": IssueKind.MISSING_IMAGE,
+        "broken": IssueKind.UNREADABLE_IMAGE,
+        "empty": IssueKind.BAD_CONVERSATION,
+        "order": IssueKind.BAD_CONVERSATION,
+        "blank": IssueKind.BAD_CONVERSATION,
+        "nokeys": IssueKind.BAD_CONVERSATION,
+        "outside": IssueKind.BAD_BOX,
+        "inverted": IssueKind.BAD_BOX,
+        "long": IssueKind.TOO_LONG,
+    }
+    for sample_id, kind in kinds.items():
+        id_line = next(i for i, line in enumerate(lines, start=1) if f'"id": "{sample_id}"' in line)
+        expected[sample_id] = (str(folder / "conv.json"), id_line - 1, kind)  # the object's "{" is one line up
+    rec_lines = [
+        json.dumps({"image": "ok.png", "expression": "the thing", "bbox": [1, 1, 10, 10]}),
+        "{this is not json",
+        json.dumps({"image": "ok.png", "expression": "the thing", "bbox": [60, 0, 10, 10]}),
+        "",
+        json.dumps({"image": "ok.png", "bbox": [1, 1, 10, 10]}),
+    ]
+    (folder / "rec.jsonl").write_text("\n".join(rec_lines) + "\n")
+    rec_file = str(folder / "rec.jsonl")
+    expected["rec-json"] = (rec_file, 2, IssueKind.BAD_JSON)
+    expected["rec-box"] = (rec_file, 3, IssueKind.BAD_BOX)
+    expected["rec-keys"] = (rec_file, 5, IssueKind.BAD_CONVERSATION)
+    return expected
+
+
+def test_each_bad_input_is_reported_with_file_and_line_and_counted(llama_tokenizer, tmp_path):
+    expected = write_bad_inputs(tmp_path)
+    processor = processor_for(llama_tokenizer, model_max_length=200)
+    log = IssueLog()
+    specs = parse_data_specs([f"{tmp_path / 'conv.json'},{tmp_path / 'rec.jsonl'}"])
+    dataset = build_dataset(specs, processor, log, seed=0)
+
+    found = {(issue.file, issue.line, issue.kind) for issue in log.issues}
+    assert found == set(expected.values())
+    assert len(log.issues) == len(expected)
+    assert len(dataset) == 3  # good, good2 and the first REC line
+    assert {dataset.sample(i).sample_id for i in range(len(dataset))} == {"good", "good2", None}
+    by_id = {issue.sample_id: issue for issue in log.issues if issue.sample_id}
+    assert by_id["long"].index == 9 and "model_max_length=200" in by_id["long"].message
+    assert "x1 < x0" in by_id["inverted"].message
+    summary = log.summary()
+    assert summary["skipped_by_kind"] == dict(Counter(kind.value for _, _, kind in expected.values()))
+    assert summary["samples_loaded"] == 11 + 4 and summary["samples_used"] == 3
+    log.write(tmp_path / "summary.json")
+    assert json.loads((tmp_path / "summary.json").read_text())["samples_skipped"] == len(expected)
+    text = log.format_summary()
+    assert f"{tmp_path / 'conv.json'}:{expected['missing'][1]} (sample 1, id 'missing')" in text
+
+
+def test_strict_mode_raises_at_the_first_bad_sample(llama_tokenizer, tmp_path):
+    expected = write_bad_inputs(tmp_path)
+    processor = processor_for(llama_tokenizer)
+    with pytest.raises(DataError) as error:
+        build_dataset([DataSpec(tmp_path / "conv.json")], processor, IssueLog(strict=True))
+    file, line, kind = expected["missing"]
+    assert f"{file}:{line}" in str(error.value) and kind.value in str(error.value)
+    assert error.value.issue.kind is IssueKind.MISSING_IMAGE
+
+
+def straddling_tokenizer(text: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with one token "ASSISTANT: <word>" that crosses the start of the reply."""
+    pre = pre_tokenizers.Split(Regex(r"ASSISTANT: \w+|\w+|[^\w\s]|\s+"), behavior="isolated")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for piece, _ in pre.pre_tokenize_str(text):
+        vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+
+
+def test_tokenization_mismatch_is_detected(tmp_path):
+    turns = (("What is it?", "Yes"),)
+    tokenizer = straddling_tokenizer(VICUNA_V1.render(turns).text)
+    encoder = SampleEncoder(processor_for(tokenizer))
+    results = encoder.encode_many([Sample("a.json", 7, 3, turns)])
+    assert results[0].kind is IssueKind.LABEL_MISMATCH
+    assert "across the boundary" in results[0].message
+
+    # the demo tokenizer spells non-ASCII characters as <unk>: the reply tokens do not decode to the reply
+    encoder = SampleEncoder(processor_for(demo_tokenizer()))
+    (result,) = encoder.encode_many([Sample("a.json", 1, 0, (("Where?", "Caf\u00e9 Nord."),))])
+    assert result.kind is IssueKind.LABEL_MISMATCH and "tokenization mismatch" in result.message
+
+    # through build_dataset the sample is reported with its file and line
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Caf\u00e9."}]})
+    )
+    log = IssueLog()
+    assert len(build_dataset([DataSpec(tmp_path / "d.jsonl")], encoder.processor, log)) == 0
+    assert [(i.file, i.line, i.kind) for i in log.issues] == [
+        (str(tmp_path / "d.jsonl"), 1, IssueKind.LABEL_MISMATCH)
+    ]
+
+
+def test_mixture_ratios_are_respected_and_seeded():
+    sizes, ratios = [1000, 400, 50], [0.5, 1.0, 2.5]
+    chosen = mixture_indices(sizes, ratios, seed=3)
+    assert [len(c) for c in chosen] == [500, 400, 125]
+    assert len(np.unique(chosen[0])) == 500  # a ratio below 1 never repeats a sample
+    assert np.array_equal(np.sort(chosen[1]), np.arange(400))
+    repeats = Counter(chosen[2].tolist())
+    assert set(repeats.values()) == {2, 3} and sum(v == 3 for v in repeats.values()) == 25
+    again = mixture_indices(sizes, ratios, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(chosen, again))
+    other = mixture_indices(sizes, ratios, seed=4)
+    assert not np.array_equal(chosen[0], other[0])
+
+
+def test_mixture_dataset_over_files(llama_tokenizer, tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+
+    def write(name, count):
+        records = [{"image": "a.png", "expression": f"{name} {i}", "bbox": [1, 1, 4, 4]} for i in range(count)]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    write("big.jsonl", 40)
+    write("small.jsonl", 10)
+    processor = processor_for(llama_tokenizer)
+    specs = parse_data_specs([str(tmp_path / "big.jsonl:0.25"), str(tmp_path / "small.jsonl:2")])
+    assert [s.ratio for s in specs] == [0.25, 2.0]
+
+    def files(seed):
+        log = IssueLog(strict=True)
+        dataset = build_dataset(specs, processor, log, seed=seed)
+        return dataset, [Path(dataset.sample(i).file).name for i in range(len(dataset))], log
+
+    dataset, names, log = files(0)
+    assert Counter(names) == {"big.jsonl": 10, "small.jsonl": 20}
+    assert log.summary()["files"][str(tmp_path / "big.jsonl")]["used"] == 10
+    assert len(dataset.lengths) == len(dataset) and all(n > 0 for n in dataset.lengths)
+    expressions = [dataset.sample(i).turns[0][0] for i in range(len(dataset))]
+    assert expressions == [files(0)[0].sample(i).turns[0][0] for i in range(len(dataset))]
+    assert expressions != [files(1)[0].sample(i).turns[0][0] for i in range(len(dataset))]
+
+
+def test_data_specs():
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        parse_data_specs(["/does/not/exist.json:0.5"])
+    with pytest.raises(ValueError, match="ratio must be > 0"):
+        DataSpec.parse("a.json:0")
+    assert DataSpec.parse("dir/a.json:0.5") == DataSpec(Path("dir/a.json"), 0.5)
+    assert DataSpec.parse("a.jsonl") == DataSpec(Path("a.jsonl"), 1.0)
+
+
+def test_dataset_items_and_collator(llama_tokenizer, tmp_path):
+    processor = processor_for(llama_tokenizer)
+    Image.new("RGB", (20, 30)).save(tmp_path / "a.png")
+    records = [
+        {"image": "a.png", "conversations": [message("human", "<image>\nHi"), message("gpt", "Hello there.")]},
+        {"conversations": [message("human", "Say a long sentence please"), message("gpt", "No.")]},
+        {"image": "a.png", "conversations": [message("human", "Describe."), message("gpt", "Dark.")]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    dataset = build_dataset([DataSpec(tmp_path / "d.json")], processor, IssueLog(strict=True))
+    items = [dataset[i] for i in range(3)]
+    assert items[0]["pixel_values_clip"].shape == (1, 3, 64, 64) and "pixel_values_clip" not in items[1]
+    assert dataset.lengths == [len(item["input_ids"]) for item in items]
+    # the missing <image> placeholder is added in front of the first question (LLaVA's convention)
+    assert dataset.sample(2).turns[0][0] == "<image>\nDescribe."
+
+    batch = CommDataCollator(processor.pad_token_id)(items)
+    longest = max(dataset.lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, longest)
+    assert batch["pixel_values_clip"].shape == (2, 3, 64, 64) and batch["pixel_values_dino"].shape == (2, 3, 64, 64)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        assert torch.equal(batch["input_ids"][row, :n], item["input_ids"])  # right padding
+        assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][row, n:] == processor.pad_token_id).all()
+
+
+def test_blank_image_leaves_a_text_only_batch_loss_unchanged(tiny_model_dir):
+    from comm import CommForConditionalGeneration, CommProcessor
+
+    model = CommForConditionalGeneration.from_pretrained(tiny_model_dir)
+    processor = CommProcessor.from_pretrained(tiny_model_dir)
+    encoder = SampleEncoder(processor)
+    items = []
+    for turns in ((("Hello?", "Hi there, how are you today?"),), (("Count.", "One two."),)):
+        encoded = encoder.encode(Sample("t.jsonl", 1, 0, turns))
+        items.append({"input_ids": torch.from_numpy(encoded.input_ids.astype(np.int64)),
+                      "labels": torch.from_numpy(encoded.labels())})  # fmt: skip
+    plain = CommDataCollator(processor.pad_token_id)(items)
+    padded = CommDataCollator.for_processor(processor)(items)
+    assert "pixel_values_clip" not in plain and padded["pixel_values_clip"].shape[0] == 1
+    blank = padded["input_ids"] == processor.image_token_id
+    assert blank.sum() == processor.num_image_tokens
+    assert blank[1].any() and not blank[0].any()  # the block went to the shorter second row
+    assert not padded["attention_mask"][blank].any() and (padded["labels"][blank] == IGNORE_INDEX).all()
+
+    loss_plain = model(**plain).loss
+    loss_padded = model(**padded).loss
+    torch.testing.assert_close(loss_padded, loss_plain, rtol=1e-5, atol=1e-6)
+    loss_padded.backward()
+    assert model.projector.weight.grad is not None and not model.projector.weight.grad.any()

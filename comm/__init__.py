@@ -3,11 +3,13 @@
 from comm.model.build import add_image_tokens, build_from_components, build_processor
 from comm.model.configuration import CommConfig
 from comm.model.modeling import CommForConditionalGeneration
+from comm.pipeline import CommPipeline
 from comm.processing import CommProcessor
 
 __all__ = [
     "CommConfig",
     "CommForConditionalGeneration",
+    "CommPipeline",
     "CommProcessor",
     "add_image_tokens",
     "build_from_components",

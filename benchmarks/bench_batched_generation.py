@@ -17,48 +17,23 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import TimedProcessor, build_tiny_model, timed_method  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from comm import CommConfig, CommForConditionalGeneration, CommProcessor, build_from_components  # noqa: E402
+from comm import CommForConditionalGeneration, CommProcessor  # noqa: E402
 from comm.conversation import CAPTION_PROMPT, rec_prompt, with_image  # noqa: E402
 from comm.generation import generate_answers  # noqa: E402
-from comm.model.build import save_random_components  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "tokenizer-llama-family"
 BATCH_SIZE = 16
 NEW_TOKENS = 24
-
-
-def build_tiny_model(folder: str | Path, seed: int = 0) -> tuple[CommForConditionalGeneration, CommProcessor]:
-    """The tests' tiny random COMM model (LLaMA tokenizer fixture, 32k vocabulary) built in ``folder``, eval mode."""
-    from transformers import LlamaTokenizer
-
-    torch.manual_seed(seed)
-    config = CommConfig.tiny(vocab_size=32000)
-    components = save_random_components(folder, config)
-    tokenizer = LlamaTokenizer.from_pretrained(TOKENIZER_DIR)
-    model, processor = build_from_components(
-        components["clip"],
-        components["dino"],
-        components["llm"],
-        tokenizer=tokenizer,
-        model_max_length=256,
-        clip_layers=config.clip_layers,
-        dino_layers=config.dino_layers,
-        grid_size=config.grid_size,
-        dino_image_size=config.dino_image_size,
-    )
-    return model.eval(), processor
 
 
 def make_inputs(count: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
@@ -78,39 +53,6 @@ def make_inputs(count: int, seed: int = 0) -> tuple[list[Image.Image], list[str]
     return images, questions
 
 
-class _TimedProcessor:
-    """A processor proxy that adds the time of each call (image preprocessing + tokenization) to ``seconds``."""
-
-    def __init__(self, processor: CommProcessor):
-        self.processor = processor
-        self.seconds = 0.0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self.processor(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.processor, name)
-
-
-def _timed_method(owner: Any, name: str, totals: dict[str, float]) -> Callable[[], None]:
-    """Wrap ``owner.name`` so its time adds to ``totals[name]``; returns a function restoring the original."""
-    original = getattr(owner, name)
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
-
-    setattr(owner, name, timed)
-    return lambda: delattr(owner, name)
-
-
 def run_mode(
     model: CommForConditionalGeneration,
     processor: CommProcessor,
@@ -123,9 +65,9 @@ def run_mode(
     best: dict[str, float] | None = None
     answers: list[str] = []
     for _ in range(repeats):
-        timed_processor = _TimedProcessor(processor)
+        timed_processor = TimedProcessor(processor)
         totals: dict[str, float] = {}
-        restore = _timed_method(model, "get_image_features", totals)
+        restore = timed_method(model, "get_image_features", totals)
         try:
             start = time.perf_counter()
             answers = generate_answers(

@@ -17,59 +17,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 import transformers
+from common import LLAMA_7B, TOKENIZER_DIR, TokenCounter, build_tiny_model, synchronize
 from PIL import Image
 from transformers import LlamaConfig, LlamaTokenizer
 
-from comm import CommConfig, CommForConditionalGeneration, add_image_tokens, build_from_components, build_processor
-from comm.model.build import save_random_components
+from comm import CommConfig, CommForConditionalGeneration, add_image_tokens, build_processor
 from comm.pipeline import CommPipeline, resolve_dtype
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "tokenizer-llama-family"
 BATCH_SIZES = (1, 16)
-
-# LLaMA-2-7B / Vicuna-7B shapes (the paper's 7B LLM).
-LLAMA_7B = {
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
-
-
-def tiny_config_fields() -> dict[str, Any]:
-    """The `CommConfig` fields of the tiny model that are not in its sub-configs."""
-    config = CommConfig.tiny()
-    return {
-        "clip_layers": config.clip_layers,
-        "dino_layers": config.dino_layers,
-        "grid_size": config.grid_size,
-        "dino_image_size": config.dino_image_size,
-    }
 
 
 def build_tiny(folder: Path, device: torch.device, dtype: torch.dtype) -> CommPipeline:
     """A random tiny COMM model built from saved components, as a user would, with the LLaMA tokenizer fixture."""
-    torch.manual_seed(0)
-    components = save_random_components(folder, CommConfig.tiny(vocab_size=32000))
-    tokenizer = LlamaTokenizer.from_pretrained(TOKENIZER_DIR)
-    model, processor = build_from_components(
-        components["clip"],
-        components["dino"],
-        components["llm"],
-        tokenizer=tokenizer,
-        dtype=dtype,
-        **tiny_config_fields(),
-    )
+    model, processor = build_tiny_model(folder, seed=0, dtype=dtype, model_max_length=None)
     return CommPipeline(model.to(device), processor)
 
 
@@ -105,27 +70,6 @@ def make_images(count: int, seed: int = 0) -> list[Image.Image]:
     """``count`` random 320x240 RGB images (all one size, so every run preprocesses the same pixels)."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-class TokenCounter:
-    """Wrap ``model.generate`` to record how many new tokens each call produced (to check the fixed length)."""
-
-    def __init__(self, model: CommForConditionalGeneration):
-        self.model = model
-        self.original = model.generate
-        self.new_tokens: list[int] = []
-        model.generate = self  # generate_answers calls model.generate(**inputs, **kwargs)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        output = self.original(*args, **kwargs)
-        self.new_tokens.append(output.shape[1] - kwargs["input_ids"].shape[1])
-        return output
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work so wall-clock timings are complete."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_captions(

@@ -17,21 +17,17 @@ import json
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import best_time, build_tiny_model  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_batched_generation import build_tiny_model  # noqa: E402
 
 from comm.conversation import with_image  # noqa: E402
 from comm.evaluation.pope import pope_answer_is_yes  # noqa: E402
@@ -63,17 +59,6 @@ def make_questions(count: int, seed: int = 0) -> tuple[list[Image.Image], list[s
         images.append(Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)))
         questions.append(with_image(f"Is there a {OBJECTS[index % len(OBJECTS)]} in the image?"))
     return images, questions
-
-
-def best_time(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    """``fn()``'s result and its fastest wall time over ``repeats`` runs."""
-    best = float("inf")
-    result = None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return result, best
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,23 +14,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from comm.evaluation.caption import KARPATHY_SPLITS, load_caption_file
+from comm.evaluation.caption import KARPATHY_SPLITS, CaptionSample, load_caption_file
 from comm.evaluation.run_caption import CAPTION_MAX_NEW_TOKENS, evaluate_captions, rescore_caption_file
-from comm.evaluation.runner import (
-    METRICS_FILE,
-    add_run_arguments,
-    check_files_exist,
-    check_run_arguments,
-    cli_main,
-    finish_distributed,
-    generation_options,
-    init_distributed,
-    load_model,
-    print_json,
-    print_metrics,
-    seed_everything,
-)
+from comm.evaluation.runner import add_run_arguments, print_json, run_evaluation, script_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,36 +47,21 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    init_distributed()
-    seed_everything(args.seed)
-    samples = load_caption_file(args.annotations, args.split, args.image_root)
-    check_files_exist((sample.image for sample in samples), "image")  # before the (slow) model load
-    model, processor = load_model(args.model, args.device, args.dtype)
-    metrics = evaluate_captions(
-        model,
-        processor,
-        samples,
-        args.output_dir,
-        batch_size=args.batch_size,
-        spice=args.spice,
-        progress=not args.no_progress,
-        **generation_options(args),
+    def evaluate(model: Any, processor: Any, samples: list[CaptionSample], **options: Any) -> dict[str, float]:
+        return evaluate_captions(model, processor, samples, args.output_dir, spice=args.spice, **options)
+
+    return run_evaluation(
+        args,
+        lambda: load_caption_file(args.annotations, args.split, args.image_root),
+        lambda samples: (sample.image for sample in samples),
+        evaluate,
+        f"captions {args.annotations.name} {args.split}",
     )
-    print_metrics(metrics, f"captions {args.annotations.name} {args.split}", args.output_dir / METRICS_FILE)
-    finish_distributed()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the caption evaluation (or ``--score`` a predictions file); returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.score is not None:
-        if args.model:
-            parser.error("--score re-scores a predictions file without a model: drop --model")
-        return cli_main(lambda: _score(args))
-    check_run_arguments(parser, args)
-    return cli_main(lambda: _run(args))
+    return script_main(build_parser(), argv, _score, _run)
 
 
 if __name__ == "__main__":

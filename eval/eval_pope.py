@@ -17,20 +17,7 @@ from typing import Any
 
 from comm.evaluation.pope import load_pope_answers, load_pope_questions, score_pope, summarize_pope_splits
 from comm.evaluation.run_pope import ANSWER_MODES, POPE_MAX_NEW_TOKENS, evaluate_pope_splits
-from comm.evaluation.runner import (
-    METRICS_FILE,
-    add_run_arguments,
-    check_files_exist,
-    check_run_arguments,
-    cli_main,
-    finish_distributed,
-    generation_options,
-    init_distributed,
-    load_model,
-    print_json,
-    print_metrics,
-    seed_everything,
-)
+from comm.evaluation.runner import add_run_arguments, print_json, run_evaluation, script_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,42 +79,29 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    init_distributed()
-    seed_everything(args.seed)
-    names = split_names(args.questions)
-    splits = {name: load_pope_questions(path) for name, path in zip(names, args.questions)}
     image_dir = args.image_dir if args.image_dir is not None else Path()
-    images = (image_dir / question["image"] for questions in splits.values() for question in questions)
-    check_files_exist(images, "image")  # before the (slow) model load
-    model, processor = load_model(args.model, args.device, args.dtype)
-    model_id = args.model_id or Path(args.model).name
-    metrics = evaluate_pope_splits(
-        model,
-        processor,
-        splits,
-        args.image_dir,
-        args.output_dir,
-        batch_size=args.batch_size,
-        answer_mode=args.answer_mode,
-        model_id=model_id,
-        progress=not args.no_progress,
-        **generation_options(args),
+
+    def load_splits() -> dict[str, list[dict[str, Any]]]:
+        names = split_names(args.questions)
+        return {name: load_pope_questions(path) for name, path in zip(names, args.questions)}
+
+    def evaluate(model: Any, processor: Any, splits: dict[str, list[dict[str, Any]]], **options: Any) -> dict[str, Any]:
+        model_id = args.model_id or Path(args.model).name
+        options.update(answer_mode=args.answer_mode, model_id=model_id)
+        return evaluate_pope_splits(model, processor, splits, args.image_dir, args.output_dir, **options)
+
+    return run_evaluation(
+        args,
+        load_splits,
+        lambda splits: (image_dir / question["image"] for questions in splits.values() for question in questions),
+        evaluate,
+        f"POPE ({args.answer_mode})",
     )
-    print_metrics(metrics, f"POPE ({args.answer_mode})", args.output_dir / METRICS_FILE)
-    finish_distributed()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the POPE evaluation (or ``--score`` answers files); returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.score is not None:
-        if args.model:
-            parser.error("--score re-scores answers files without a model: drop --model")
-        return cli_main(lambda: _score(args))
-    check_run_arguments(parser, args)
-    return cli_main(lambda: _run(args))
+    return script_main(build_parser(), argv, _score, _run, scored="answers files")
 
 
 if __name__ == "__main__":

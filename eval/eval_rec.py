@@ -13,23 +13,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from comm.evaluation.rec import REFER_SPLITS, RecSample, load_rec_jsonl, load_refer, rescore_predictions_file
 from comm.evaluation.run_rec import REC_MAX_NEW_TOKENS, evaluate_rec
-from comm.evaluation.runner import (
-    METRICS_FILE,
-    add_run_arguments,
-    check_files_exist,
-    check_run_arguments,
-    cli_main,
-    finish_distributed,
-    generation_options,
-    init_distributed,
-    load_model,
-    print_json,
-    print_metrics,
-    seed_everything,
-)
+from comm.evaluation.runner import add_run_arguments, print_json, run_evaluation, script_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,24 +67,12 @@ def _title(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    init_distributed()
-    seed_everything(args.seed)
-    samples = load_samples(args)
-    check_files_exist((sample.image for sample in samples), "image")  # before the (slow) model load
-    model, processor = load_model(args.model, args.device, args.dtype)
-    metrics = evaluate_rec(
-        model,
-        processor,
-        samples,
-        args.output_dir,
-        batch_size=args.batch_size,
-        visualize=args.visualize,
-        progress=not args.no_progress,
-        **generation_options(args),
+    def evaluate(model: Any, processor: Any, samples: list[RecSample], **options: Any) -> dict[str, Any]:
+        return evaluate_rec(model, processor, samples, args.output_dir, visualize=args.visualize, **options)
+
+    return run_evaluation(
+        args, lambda: load_samples(args), lambda samples: (sample.image for sample in samples), evaluate, _title(args)
     )
-    print_metrics(metrics, _title(args), args.output_dir / METRICS_FILE)
-    finish_distributed()
-    return 0
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -106,15 +82,7 @@ def _score(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the REC evaluation (or ``--score`` a predictions file); returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.score is not None:
-        if args.model:
-            parser.error("--score re-scores a predictions file without a model: drop --model")
-        return cli_main(lambda: _score(args))
-    check_run_arguments(parser, args)
-    _check_data_arguments(parser, args)
-    return cli_main(lambda: _run(args))
+    return script_main(build_parser(), argv, _score, _run, check=_check_data_arguments)
 
 
 if __name__ == "__main__":

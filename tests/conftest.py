@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -14,6 +17,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from comm import CommConfig, build_from_components  # noqa: E402
 from comm.model.build import save_random_components  # noqa: E402
+
+if TYPE_CHECKING:
+    from comm.pipeline import CommPipeline
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LLAMA_TOKENIZER_DIR = FIXTURES / "tokenizer-llama-family"
@@ -67,3 +73,29 @@ def tiny_model_dir(tmp_path_factory, tiny_components, _llama_tokenizer_cached) -
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """One torch CPU thread inside the block: tiny-model ops gain nothing from more, and a busy machine stalls them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch CPU thread for the test (see `single_torch_thread`); modules use it with ``usefixtures``."""
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir) -> CommPipeline:
+    """The tiny COMM model as a CPU `CommPipeline`, loaded once a test module."""
+    from comm.pipeline import CommPipeline
+
+    return CommPipeline.from_pretrained(tiny_model_dir, device="cpu")

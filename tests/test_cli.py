@@ -13,29 +13,18 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from comm.cli import main
 from comm.model.modeling import CommForConditionalGeneration
-from comm.pipeline import CommPipeline
 
 TOKENS = "6"
 
 
 @pytest.fixture(autouse=True)
-def one_thread_no_env(monkeypatch):
+def one_thread_no_env(monkeypatch, one_torch_thread):
     """One CPU thread (a shared, busy machine makes OpenMP crawl) and no COMM_MODEL from the environment."""
     monkeypatch.delenv("COMM_MODEL", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model_dir) -> CommPipeline:
-    return CommPipeline.from_pretrained(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import single_torch_thread
 from PIL import Image
 
 from comm import CommForConditionalGeneration, CommProcessor
@@ -46,10 +47,8 @@ eval_caption = _load_script("eval_caption")
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One torch thread: the tiny model's ops are too small to share, and a busy 2-core machine stalls two threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -23,18 +23,7 @@ from comm.visualize import GT_COLOR, PRED_COLOR, draw_boxes, image_grid, save_re
 TOKENS = 8  # new tokens per answer: enough to tell answers apart, short enough for a fast suite
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: tiny matmuls gain nothing from more, and a shared, busy machine makes OpenMP crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_model_dir) -> CommPipeline:
-    return CommPipeline.from_pretrained(tiny_model_dir, device="cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matmuls gain nothing from more threads
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +18,47 @@ def _id_key(question_id: Any) -> str:
     return str(question_id)
 
 
-def load_pope_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read POPE questions, one ``{"question_id", "image", "text", "label": "yes"|"no"}`` object a line."""
+def read_unique_records(
+    path: str | os.PathLike[str],
+    keys: Sequence[str],
+    id_key: str,
+    check: Callable[[dict[str, Any]], str | None] | None = None,
+) -> list[dict[str, Any]]:
+    """JSON-lines records that hold ``keys``, pass ``check`` (returns a problem or None), with distinct ``id_key``s.
+
+    A bad record raises ValueError naming the file and the line.
+    """
     path = Path(path)
-    questions: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for line_number, record in iter_jsonl(path):
         where = f"{path}, line {line_number}"
-        missing = [key for key in QUESTION_KEYS if key not in record]
+        missing = [key for key in keys if key not in record]
         if missing:
             raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
-        if record["label"] not in POPE_LABELS:
-            raise ValueError(f"{where}: label must be 'yes' or 'no', got {record['label']!r}")
-        if not isinstance(record["text"], str) or not isinstance(record["image"], str):
-            raise ValueError(f"{where}: 'text' and 'image' must be strings")
-        key = _id_key(record["question_id"])
+        problem = check(record) if check is not None else None
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+        key = _id_key(record[id_key])
         if key in seen:
-            raise ValueError(
-                f"{where}: duplicate question_id {record['question_id']!r} (first on line {seen[key]})"
-            )
+            raise ValueError(f"{where}: duplicate {id_key} {record[id_key]!r} (first on line {seen[key]})")
         seen[key] = line_number
-        questions.append(record)
+        records.append(record)
+    return records
+
+
+def load_pope_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read POPE questions, one ``{"question_id", "image", "text", "label": "yes"|"no"}`` object a line."""
+
+    def check(record: dict[str, Any]) -> str | None:
+        if record["label"] not in POPE_LABELS:
+            return f"label must be 'yes' or 'no', got {record['label']!r}"
+        if not isinstance(record["text"], str) or not isinstance(record["image"], str):
+            return "'text' and 'image' must be strings"
+        return None
+
+    path = Path(path)
+    questions = read_unique_records(path, QUESTION_KEYS, "question_id", check)
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
@@ -46,24 +66,14 @@ def load_pope_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def load_pope_answers(path: str | os.PathLike[str]) -> dict[Any, str]:
     """Read LLaVA-style answers (``{"question_id", "text", ...}`` a line) into ``{question_id: text}``."""
-    path = Path(path)
-    answers: dict[Any, str] = {}
-    seen: dict[str, int] = {}
-    for line_number, record in iter_jsonl(path):
-        where = f"{path}, line {line_number}"
-        missing = [key for key in ("question_id", "text") if key not in record]
-        if missing:
-            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+
+    def check(record: dict[str, Any]) -> str | None:
         if not isinstance(record["text"], str):
-            raise ValueError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
-        key = _id_key(record["question_id"])
-        if key in seen:
-            raise ValueError(
-                f"{where}: duplicate question_id {record['question_id']!r} (first on line {seen[key]})"
-            )
-        seen[key] = line_number
-        answers[record["question_id"]] = record["text"]
-    return answers
+            return f"'text' must be a string, got {type(record['text']).__name__}"
+        return None
+
+    records = read_unique_records(path, ("question_id", "text"), "question_id", check)
+    return {record["question_id"]: record["text"] for record in records}
 
 
 def pope_answer_is_yes(text: str) -> bool:

@@ -9,8 +9,9 @@ from typing import Any
 
 from comm.conversation import CAPTION_PROMPT
 from comm.evaluation.caption import CaptionSample, score_captions
-from comm.evaluation.jsonl import iter_jsonl, write_json
-from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, on_main, run_sharded
+from comm.evaluation.jsonl import write_json
+from comm.evaluation.pope import read_unique_records
+from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, predict_and_score
 from comm.generation import generate_answers
 from comm.processing import load_image
 
@@ -44,21 +45,14 @@ def rescore_caption_file(
     path: str | os.PathLike[str], samples: Sequence[CaptionSample], spice: bool = False
 ) -> dict[str, float]:
     """Re-score a predictions file written by `evaluate_captions` against ``samples`` (no model)."""
-    path = Path(path)
-    records = []
-    seen: dict[str, int] = {}
-    for line_number, record in iter_jsonl(path):
-        where = f"{path}, line {line_number}"
-        missing = [key for key in ("id", "caption") if key not in record]
-        if missing:
-            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+
+    def check(record: dict[str, Any]) -> str | None:
         if not isinstance(record["caption"], str):
-            raise ValueError(f"{where}: 'caption' must be a string, got {type(record['caption']).__name__}")
-        key = str(record["id"])
-        if key in seen:
-            raise ValueError(f"{where}: duplicate id {record['id']!r} (first on line {seen[key]})")
-        seen[key] = line_number
-        records.append(record)
+            return f"'caption' must be a string, got {type(record['caption']).__name__}"
+        return None
+
+    path = Path(path)
+    records = read_unique_records(path, ("id", "caption"), "id", check)
     if not records:
         raise ValueError(f"{path}: no predictions")
     try:
@@ -89,25 +83,20 @@ def evaluate_captions(
     def predict(batch: list[CaptionSample]) -> list[dict[str, Any]]:
         return predict_caption_batch(model, processor, batch, **generate_kwargs)
 
-    records = run_sharded(
+    def score(records: list[dict[str, Any]]) -> dict[str, float]:
+        metrics = score_caption_records(records, samples, spice=spice)
+        write_json(out_dir / METRICS_FILE, metrics)
+        return metrics
+
+    return predict_and_score(
         samples,
         lambda sample: sample.id,
         predict,
         out_dir / PREDICTIONS_FILE,
         key="id",
+        score=score,
+        what=("captions", "caption"),
         batch_size=batch_size,
         progress=progress,
         description="captions",
     )
-
-    def finish() -> dict[str, float]:
-        if records is None:
-            raise RuntimeError("rank 0 holds no captions after the run")
-        metrics = score_caption_records(records, samples, spice=spice)
-        write_json(out_dir / METRICS_FILE, metrics)
-        return metrics
-
-    metrics = on_main(finish)
-    if metrics is None:
-        raise RuntimeError("no caption metrics came back from rank 0")
-    return metrics

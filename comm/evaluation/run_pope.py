@@ -12,7 +12,13 @@ import torch
 from comm.conversation import VICUNA_V1, ConversationTemplate, with_image
 from comm.evaluation.jsonl import write_json
 from comm.evaluation.pope import score_pope, summarize_pope_splits
-from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, on_main, run_sharded
+from comm.evaluation.runner import (
+    DEFAULT_BATCH_SIZE,
+    METRICS_FILE,
+    check_files_exist,
+    on_main,
+    predict_and_score,
+)
 from comm.generation import generate_answers
 from comm.processing import load_image
 
@@ -140,26 +146,21 @@ def evaluate_pope(
             model, processor, batch, image_dir, model_id, answer_mode, token_ids, **generate_kwargs
         )
 
-    records = run_sharded(
+    def score(records: list[dict[str, Any]]) -> dict[str, Any]:
+        return score_pope({record["question_id"]: record["text"] for record in records}, list(questions))
+
+    return predict_and_score(
         questions,
         lambda question: question["question_id"],
         predict,
         answers_path,
         key="question_id",
+        score=score,
+        what=("POPE answers", "POPE"),
         batch_size=batch_size,
         progress=progress,
         description=description,
     )
-
-    def finish() -> dict[str, Any]:
-        if records is None:
-            raise RuntimeError("rank 0 holds no POPE answers after the run")
-        return score_pope({record["question_id"]: record["text"] for record in records}, list(questions))
-
-    metrics = on_main(finish)
-    if metrics is None:
-        raise RuntimeError("no POPE metrics came back from rank 0")
-    return metrics
 
 
 def evaluate_pope_splits(

@@ -11,7 +11,7 @@ from comm.boxes import box_iou, denormalize_box, parse_box
 from comm.conversation import rec_prompt
 from comm.evaluation.jsonl import write_json
 from comm.evaluation.rec import RecSample, score_rec
-from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, on_main, run_sharded
+from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, predict_and_score
 from comm.generation import generate_answers
 from comm.processing import load_image
 
@@ -97,27 +97,22 @@ def evaluate_rec(
     def predict(batch: list[RecSample]) -> list[dict[str, Any]]:
         return predict_rec_batch(model, processor, batch, **generate_kwargs)
 
-    records = run_sharded(
-        samples,
-        lambda sample: sample.id,
-        predict,
-        out_dir / PREDICTIONS_FILE,
-        key="id",
-        batch_size=batch_size,
-        progress=progress,
-        description="REC",
-    )
-
-    def finish() -> dict[str, Any]:
-        if records is None:
-            raise RuntimeError("rank 0 holds no REC predictions after the run")
+    def score(records: list[dict[str, Any]]) -> dict[str, Any]:
         metrics = score_rec(records)
         write_json(out_dir / METRICS_FILE, metrics)
         if visualize:
             save_rec_visualization(records, samples, visualize, out_dir / VISUALIZATION_FILE)
         return metrics
 
-    metrics = on_main(finish)
-    if metrics is None:
-        raise RuntimeError("no REC metrics came back from rank 0")
-    return metrics
+    return predict_and_score(
+        samples,
+        lambda sample: sample.id,
+        predict,
+        out_dir / PREDICTIONS_FILE,
+        key="id",
+        score=score,
+        what=("REC predictions", "REC"),
+        batch_size=batch_size,
+        progress=progress,
+        description="REC",
+    )

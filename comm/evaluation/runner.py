@@ -332,6 +332,38 @@ def run_sharded(
     return on_main(merge, share=False)
 
 
+def predict_and_score(
+    items: Sequence[T],
+    item_id: Callable[[T], Any],
+    predict: Callable[[list[T]], list[dict[str, Any]]],
+    out_path: str | os.PathLike[str],
+    key: str,
+    score: Callable[[list[dict[str, Any]]], R],
+    what: tuple[str, str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    description: str = "evaluating",
+) -> R:
+    """`run_sharded` the items, then ``score`` all records on rank 0; its result comes back on every rank.
+
+    ``what`` names the records and the metrics in the errors (``("captions", "caption")``).
+    """
+    records_name, metrics_name = what
+    records = run_sharded(
+        items, item_id, predict, out_path, key, batch_size=batch_size, progress=progress, description=description
+    )
+
+    def finish() -> R:
+        if records is None:
+            raise RuntimeError(f"rank 0 holds no {records_name} after the run")
+        return score(records)
+
+    metrics = on_main(finish)
+    if metrics is None:
+        raise RuntimeError(f"no {metrics_name} metrics came back from rank 0")
+    return metrics
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return str(value)
@@ -456,3 +488,48 @@ def cli_main(run: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the predictions written", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+
+
+def run_evaluation(
+    args: argparse.Namespace,
+    load_data: Callable[[], T],
+    images: Callable[[T], Iterable[str | os.PathLike[str]]],
+    evaluate: Callable[..., Mapping[str, Any]],
+    title: str,
+) -> int:
+    """A script's model run: join the ranks, seed, load the data, check its images, load the model, evaluate, print.
+
+    ``evaluate(model, processor, data, batch_size=..., progress=..., **generation_options(args))`` returns the
+    metrics, printed under ``title`` on rank 0; returns 0.
+    """
+    init_distributed()
+    seed_everything(args.seed)
+    data = load_data()
+    check_files_exist(images(data), "image")  # before the (slow) model load
+    model, processor = load_model(args.model, args.device, args.dtype)
+    metrics = evaluate(
+        model, processor, data, batch_size=args.batch_size, progress=not args.no_progress, **generation_options(args)
+    )
+    print_metrics(metrics, title, args.output_dir / METRICS_FILE)
+    finish_distributed()
+    return 0
+
+
+def script_main(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    score: Callable[[argparse.Namespace], int],
+    run: Callable[[argparse.Namespace], int],
+    scored: str = "a predictions file",
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None,
+) -> int:
+    """Parse ``argv``, then `cli_main` ``score`` (with ``--score``, no model) or ``run`` (after the argument checks)."""
+    args = parser.parse_args(argv)
+    if args.score is not None:
+        if args.model:
+            parser.error(f"--score re-scores {scored} without a model: drop --model")
+        return cli_main(lambda: score(args))
+    check_run_arguments(parser, args)
+    if check is not None:
+        check(parser, args)
+    return cli_main(lambda: run(args))

@@ -20,7 +20,6 @@ Prints ONE JSON line ``{"benchmark": "generation_gpu", "value": <samples/s at ba
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -39,9 +38,9 @@ from common import (  # noqa: E402
     TokenCounter,
     build_on_meta,
     count_parameters,
+    finish,
+    gpu_device,
     llama_tokenizer,
-    machine_info,
-    print_result,
     set_threads,
     stdout_to_stderr,
     synchronize,
@@ -130,23 +129,6 @@ def time_generation(
     return best
 
 
-def skip(reason: str, args: argparse.Namespace) -> int:
-    """Print the skip line (exit code 0: nothing is wrong, there is nothing to measure here)."""
-    print(f"{BENCHMARK}: skipped: {reason}", file=sys.stderr)
-    print_result(
-        {
-            "benchmark": BENCHMARK,
-            "value": None,
-            "unit": "samples/s",
-            "skipped": reason,
-            "attn": args.attn,
-            "quick": args.quick,
-            "machine": machine_info(),
-        }
-    )
-    return 0
-
-
 def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str, Any]:
     """Build, warm up, and time generation at each batch size."""
     dtype = torch.bfloat16
@@ -213,16 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
     set_threads(args.threads)
 
-    if args.smoke_cpu:
-        device = torch.device("cpu")
-        if args.attn != "sdpa":
-            parser.error("--smoke-cpu runs with --attn sdpa (flash-attention needs CUDA)")
-    elif not torch.cuda.is_available():
-        return skip("no CUDA device", args)
-    else:
-        device = torch.device("cuda")
-        if args.attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            return skip("flash-attn is not installed (pip install flash-attn)", args)
+    device = gpu_device(BENCHMARK, args, parser)
+    if device is None:
+        return 0
 
     with stdout_to_stderr():
         fields = run(args, device, args.smoke_cpu)
@@ -234,11 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": "tiny (smoke check)" if args.smoke_cpu else "CLIP ViT-L/14-336 + DINOv2-L + LLaMA-2-7B",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "smoke": args.smoke_cpu,
-        "quick": args.quick,
-        "machine": machine_info(),
     }
-    print_result(result)
-    return 0
+    return finish(result, args.quick)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import llama_tokenizer, machine_info, print_result, stdout_to_stderr  # noqa: E402
+from common import finish, llama_tokenizer, stdout_to_stderr  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import BatchSampler  # noqa: E402
 
@@ -231,11 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gradient_accumulation": args.gradient_accumulation,
         "epochs": epochs,
         "method": "CommTrainer._get_train_sampler batches over build_dataset lengths; padded slots / slots",
-        "quick": args.quick,
-        "machine": machine_info(),
     }
-    print_result(result)
-    return 0
+    return finish(result, args.quick)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
-from common import llama_tokenizer, machine_info, median, print_result, set_threads, stdout_to_stderr  # noqa: E402
+from common import finish, llama_tokenizer, median, set_threads, stdout_to_stderr  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -215,11 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "images": count,
         "batch_size": args.batch_size,
         "threads": threads,
-        "quick": args.quick,
-        "machine": machine_info(),
     }
-    print_result(result)
-    return 0
+    return finish(result, args.quick)
 
 
 if __name__ == "__main__":

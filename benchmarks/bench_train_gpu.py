@@ -24,7 +24,6 @@ CUDA device it prints ``{"benchmark": "train_gpu", "skipped": "no CUDA device", 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -39,8 +38,8 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     build_on_meta,
     count_parameters,
-    machine_info,
-    print_result,
+    finish,
+    gpu_device,
     set_threads,
     stdout_to_stderr,
     synchronize,
@@ -132,23 +131,6 @@ def model_flops_per_step(model: CommForConditionalGeneration, batch_size: int, s
     }
     parts["total"] = sum(parts.values())
     return parts
-
-
-def skip(reason: str, args: argparse.Namespace) -> int:
-    """Print the skip line (exit code 0: nothing is wrong, there is nothing to measure here)."""
-    print(f"{BENCHMARK}: skipped: {reason}", file=sys.stderr)
-    print_result(
-        {
-            "benchmark": BENCHMARK,
-            "value": None,
-            "unit": "samples/s",
-            "skipped": reason,
-            "attn": args.attn,
-            "quick": args.quick,
-            "machine": machine_info(),
-        }
-    )
-    return 0
 
 
 def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str, Any]:
@@ -251,16 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("need --batch-size >= 1, --warmup >= 0, --steps >= 1 and --peak-tflops > 0")
     set_threads(args.threads)
 
-    if args.smoke_cpu:
-        device = torch.device("cpu")
-        if args.attn != "sdpa":
-            parser.error("--smoke-cpu runs with --attn sdpa (flash-attention needs CUDA)")
-    elif not torch.cuda.is_available():
-        return skip("no CUDA device", args)
-    else:
-        device = torch.device("cuda")
-        if args.attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            return skip("flash-attn is not installed (pip install flash-attn)", args)
+    device = gpu_device(BENCHMARK, args, parser)
+    if device is None:
+        return 0
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
     with stdout_to_stderr():
@@ -274,11 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": "tiny (smoke check)" if args.smoke_cpu else "CLIP ViT-L/14-336 + DINOv2-L + LLaMA 1.3B (h2048 x16)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "smoke": args.smoke_cpu,
-        "quick": args.quick,
-        "machine": machine_info(),
     }
-    print_result(result)
-    return 0
+    return finish(result, args.quick)
 
 
 if __name__ == "__main__":

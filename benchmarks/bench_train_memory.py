@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import count_parameters, machine_info, median, print_result, set_threads, stdout_to_stderr  # noqa: E402
+from common import count_parameters, finish, median, print_result, set_threads, stdout_to_stderr  # noqa: E402
 
 if TYPE_CHECKING:
     from comm import CommConfig, CommForConditionalGeneration
@@ -347,11 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "method": next(iter(runs[headline].values()))["method"] + "; one fresh subprocess per measurement",
         "step": "forward + backward + AdamW step + zero_grad(set_to_none=True), float32, sdpa",
         "steps_per_measurement": steps,
-        "quick": args.quick,
-        "machine": machine_info(),
     }
-    print_result(result)
-    return 0
+    return finish(result, args.quick)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import initialize_sub_models, machine_info, median, print_result, set_threads  # noqa: E402
+from common import finish, initialize_sub_models, median, set_threads  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -289,11 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": repeats,
         "head_repeats_per_tower_run": args.head_repeats,
         "build_s": round(build_s, 1),
-        "quick": args.quick,
-        "machine": machine_info(),
     }
-    print_result(result)
-    return 0
+    return finish(result, args.quick)
 
 
 if __name__ == "__main__":

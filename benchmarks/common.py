@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -87,6 +89,34 @@ def machine_info() -> dict[str, Any]:
     except (ValueError, OSError, AttributeError):
         info["ram_gib"] = None
     return info
+
+
+def finish(result: dict[str, Any], quick: bool) -> int:
+    """Print ``result`` with ``quick`` and `machine_info` appended as the one JSON line; returns exit code 0."""
+    print_result({**result, "quick": quick, "machine": machine_info()})
+    return 0
+
+
+def skip_gpu(benchmark: str, reason: str, args: argparse.Namespace) -> int:
+    """Print a GPU benchmark's skip line (exit code 0: nothing is wrong, there is nothing to measure here)."""
+    print(f"{benchmark}: skipped: {reason}", file=sys.stderr)
+    fields = {"benchmark": benchmark, "value": None, "unit": "samples/s", "skipped": reason, "attn": args.attn}
+    return finish(fields, args.quick)
+
+
+def gpu_device(benchmark: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> torch.device | None:
+    """The device a GPU benchmark runs on (the CPU with ``--smoke-cpu``), or None once its skip line is printed."""
+    if args.smoke_cpu:
+        if args.attn != "sdpa":
+            parser.error("--smoke-cpu runs with --attn sdpa (flash-attention needs CUDA)")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        skip_gpu(benchmark, "no CUDA device", args)
+        return None
+    if args.attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        skip_gpu(benchmark, "flash-attn is not installed (pip install flash-attn)", args)
+        return None
+    return torch.device("cuda")
 
 
 def set_threads(threads: int) -> int:

@@ -230,19 +230,6 @@ def llama_tokenizer() -> PreTrainedTokenizerBase:
     return LlamaTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-def tiny_config_fields() -> dict[str, Any]:
-    """The `CommConfig` fields of the tiny model that are not in its sub-configs."""
-    from comm import CommConfig
-
-    config = CommConfig.tiny()
-    return {
-        "clip_layers": config.clip_layers,
-        "dino_layers": config.dino_layers,
-        "grid_size": config.grid_size,
-        "dino_image_size": config.dino_image_size,
-    }
-
-
 def build_tiny_model(
     folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, model_max_length: int | None = 256
 ) -> tuple[CommForConditionalGeneration, CommProcessor]:
@@ -264,7 +251,7 @@ def build_tiny_model(
             tokenizer=llama_tokenizer(),
             dtype=dtype,
             model_max_length=model_max_length,
-            **tiny_config_fields(),
+            **CommConfig.tiny().tower_reading_fields(),
         )
     return model.eval(), processor
 

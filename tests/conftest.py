@@ -46,17 +46,6 @@ def tiny_components(tmp_path_factory) -> dict[str, str]:
     return save_random_components(folder, CommConfig.tiny(vocab_size=32000))
 
 
-def tiny_fields() -> dict:
-    """The `CommConfig` fields of the tiny model that are not in its sub-configs."""
-    config = CommConfig.tiny()
-    return {
-        "clip_layers": config.clip_layers,
-        "dino_layers": config.dino_layers,
-        "grid_size": config.grid_size,
-        "dino_image_size": config.dino_image_size,
-    }
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_components, _llama_tokenizer_cached) -> Path:
     """A tiny COMM model and its processor saved with `save_pretrained` (load them with `from_pretrained`)."""
@@ -67,7 +56,7 @@ def tiny_model_dir(tmp_path_factory, tiny_components, _llama_tokenizer_cached) -
         tiny_components["llm"],
         tokenizer=copy.deepcopy(_llama_tokenizer_cached),
         model_max_length=256,
-        **tiny_fields(),
+        **CommConfig.tiny().tower_reading_fields(),
     )
     folder = tmp_path_factory.mktemp("tiny_comm")
     model.save_pretrained(folder)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import single_torch_thread
 from PIL import Image
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -39,12 +40,10 @@ TURNS = (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
+def one_torch_thread_per_module():
     """Tiny models run fastest on one thread: two OpenMP threads on a busy 2-core machine can be ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 def processor_for(tokenizer, model_max_length: int = 2048):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import single_torch_thread
 from PIL import Image, ImageDraw
 from transformers import AutoTokenizer, TrainerCallback, set_seed
 
@@ -33,12 +34,10 @@ SEED = 0
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
+def one_torch_thread_per_module():
     """Tiny models run fastest on one thread: two OpenMP threads on a busy 2-core machine can be ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        yield
 
 
 def tiny_cli_fields() -> list[str]:

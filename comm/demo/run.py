@@ -134,21 +134,12 @@ def prepare_initial_model(config: DemoConfig, world: WorldFiles) -> Path:
         config.llm or components["llm"],
         tokenizer=tokenizer,
         model_max_length=512,
-        **{} if config.clip or config.dino else _tower_fields(tiny),
+        **{} if config.clip or config.dino else tiny.tower_reading_fields(),
     )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
-
-def _tower_fields(config) -> dict[str, Any]:
-    """The CommConfig fields that describe how the tiny towers are read (layers, grid, DINOv2 input size)."""
-    return {
-        "clip_layers": config.clip_layers,
-        "dino_layers": config.dino_layers,
-        "grid_size": config.grid_size,
-        "dino_image_size": config.dino_image_size,
-    }
 
 
 def train_stage(config: DemoConfig, stage: int, model_dir: Path, data: list[str], steps: int):

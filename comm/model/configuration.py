@@ -96,6 +96,18 @@ class CommConfig(PreTrainedConfig):
         per_tower = self.grid_size * self.grid_size
         return per_tower if self.concat == "channel" else 2 * per_tower
 
+    def tower_reading_fields(self) -> dict:
+        """The fields that say how the towers are read (merged layers, grid, DINOv2 input size).
+
+        Tower checkpoints do not carry them, so pass these to `build_from_components` to rebuild this layout.
+        """
+        return {
+            "clip_layers": list(self.clip_layers),
+            "dino_layers": list(self.dino_layers),
+            "grid_size": self.grid_size,
+            "dino_image_size": self.dino_image_size,
+        }
+
     @classmethod
     def tiny(cls, vocab_size: int = 512, **overrides) -> CommConfig:
         """A small random-init configuration for tests and the demo (CPU-friendly, seconds per step)."""

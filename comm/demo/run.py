@@ -308,8 +308,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
         "before": before,
         "captions": captions,
         "loss": {
-            "stage1": {"first": _first_loss(stage1.log_history), "last": _last_loss(stage1.log_history)},
-            "stage2": {"first": _first_loss(stage2.log_history), "last": _last_loss(stage2.log_history)},
+            "stage1": first_and_last_loss(stage1.log_history),
+            "stage2": first_and_last_loss(stage2.log_history),
         },
         "steps": {"stage1": steps1, "stage2": steps2},
         "test_images": config.test_images,
@@ -324,18 +324,12 @@ def run(config: DemoConfig) -> dict[str, Any]:
     return report
 
 
-def _losses(history: list[dict]) -> list[float]:
-    return [entry["loss"] for entry in history if "loss" in entry]
+def first_and_last_loss(history: list[dict]) -> dict[str, float | None]:
+    """The first and last logged training loss of a stage (None when nothing was logged)."""
+    from comm.training.plots import loss_points
 
-
-def _first_loss(history: list[dict]) -> float | None:
-    losses = _losses(history)
-    return losses[0] if losses else None
-
-
-def _last_loss(history: list[dict]) -> float | None:
-    losses = _losses(history)
-    return losses[-1] if losses else None
+    _, losses = loss_points(history)
+    return {"first": losses[0] if losses else None, "last": losses[-1] if losses else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,6 +205,7 @@ def evaluate(config: DemoConfig, model_dir: Path, world: WorldFiles, out_dir: Pa
         load_caption_file(world.test_captions, split="test", image_root=world.root),
         out_dir / "caption",
         batch_size=batch,
+        tokenizer="python",  # no Java needed: METEOR is reported as skipped
     )
     return {"rec": rec, "pope": pope, "caption": captions}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from comm.evaluation.pope import check_ids
+from comm.extras import require_extra
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
@@ -166,21 +168,54 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+CAPTION_TOKENIZERS = ("ptb", "python")
+# pycocoevalcap drops these tokens after the PTB tokenizer has run; the Python tokenization drops the same.
+PTB_PUNCTUATION = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
+# Words (hyphenated and slashed words stay whole, as in PTB), the PTB clitics n't / 's / 're..., and any other
+# single non-space character (punctuation, dropped below unless PTB keeps it).
+_PYTHON_TOKEN = re.compile(r"[a-z0-9]+(?=n't\b)|n't\b|'[a-z]+\b|[a-z0-9]+(?:[-/.][a-z0-9]+)*|\.\.\.|--|\S")
+
+
+def python_tokenize(caption: str) -> str:
+    """Lower-case ``caption`` and split it like pycocoevalcap's PTB tokenizer (no Java); punctuation is dropped.
+
+    It agrees with the PTB tokenizer on captions of plain words and punctuation; exotic input (quotes, brackets,
+    abbreviations) may split differently, so official numbers use the PTB tokenizer.
+    """
+    tokens = _PYTHON_TOKEN.findall(_one_line(caption).lower())
+    return " ".join(token for token in tokens if token not in PTB_PUNCTUATION and token not in "()[]{}\"")
+
+
 def score_captions(
-    predictions: Mapping[Any, str], references: Mapping[Any, list[str]], spice: bool = False
-) -> dict[str, float]:
-    """BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE when asked) with pycocoevalcap, after PTB tokenization."""
+    predictions: Mapping[Any, str],
+    references: Mapping[Any, list[str]],
+    spice: bool = False,
+    tokenizer: str = "ptb",
+) -> dict[str, Any]:
+    """BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE when asked) with pycocoevalcap.
+
+    ``tokenizer="ptb"`` is the official protocol: Stanford's PTB tokenizer and METEOR, both Java programs.
+    ``tokenizer="python"`` needs no Java: `python_tokenize` instead of PTB, and METEOR (Java) is reported as
+    None with the reason under ``"skipped"``; BLEU-4, ROUGE-L and CIDEr are pycocoevalcap's own Python scorers.
+    """
+    if tokenizer not in CAPTION_TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {CAPTION_TOKENIZERS}, got {tokenizer!r}")
+    require_extra("pycocoevalcap")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     if not references:
         raise ValueError("no references to score against")
     check_ids(predictions.keys(), references.keys(), what="predictions")
-    if shutil.which("java") is None:
-        raise RuntimeError("the PTB tokenizer and METEOR need Java on PATH (a JRE 8 or newer)")
+    java = tokenizer == "ptb" or spice
+    if java and shutil.which("java") is None:
+        raise RuntimeError(
+            "the PTB tokenizer, METEOR and SPICE need Java on PATH (a JRE 8 or newer); without Java, score with "
+            "the Python tokenization (--tokenizer python), which skips METEOR and SPICE"
+        )
 
     gts: dict[str, list[dict[str, str]]] = {}
     res: dict[str, list[dict[str, str]]] = {}
@@ -193,14 +228,43 @@ def score_captions(
             raise ValueError(f"prediction for {image_id!r} is not a string")
         res[str(image_id)] = [{"caption": _one_line(caption)}]
 
-    tokenizer = PTBTokenizer()
-    gts_tokens = tokenizer.tokenize(gts)
-    res_tokens = tokenizer.tokenize(res)
-    for name, tokens, source in (("references", gts_tokens, gts), ("predictions", res_tokens, res)):
-        if set(tokens) != set(source) or any(len(tokens[key]) != len(source[key]) for key in source):
-            raise RuntimeError(f"the PTB tokenizer (Java) lost some {name}; is Java working?")
+    if tokenizer == "ptb":
+        gts_tokens, res_tokens = _ptb_tokenize(gts), _ptb_tokenize(res)
+    else:
+        gts_tokens = {key: [python_tokenize(item["caption"]) for item in items] for key, items in gts.items()}
+        res_tokens = {key: [python_tokenize(item["caption"]) for item in items] for key, items in res.items()}
 
     bleu, _ = Bleu(4).compute_score(gts_tokens, res_tokens, verbose=0)
+    rouge, _ = Rouge().compute_score(gts_tokens, res_tokens)
+    cider, _ = Cider().compute_score(gts_tokens, res_tokens)
+    scores: dict[str, Any] = {"BLEU-4": float(bleu[3])}
+    if tokenizer == "ptb":
+        scores["METEOR"] = _meteor(gts_tokens, res_tokens)
+    else:
+        scores["METEOR"] = None
+    scores.update({"ROUGE-L": float(rouge), "CIDEr": float(cider)})
+    if tokenizer == "python":
+        scores["tokenizer"] = "python"
+        scores["skipped"] = {"METEOR": "needs Java; scored with the Python tokenization (tokenizer='python')"}
+    if spice:
+        scores["SPICE"] = _spice(gts_tokens, res_tokens)
+    return scores
+
+
+def _ptb_tokenize(captions: dict[str, list[dict[str, str]]]) -> dict[str, list[str]]:
+    """pycocoevalcap's PTB tokenization (Java), checked to keep every caption."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokens = PTBTokenizer().tokenize(captions)
+    if set(tokens) != set(captions) or any(len(tokens[key]) != len(captions[key]) for key in captions):
+        raise RuntimeError("the PTB tokenizer (Java) lost some captions; is Java working?")
+    return tokens
+
+
+def _meteor(gts_tokens: dict[str, list[str]], res_tokens: dict[str, list[str]]) -> float:
+    """METEOR 1.5 through pycocoevalcap's Java scorer."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
     meteor_scorer = Meteor()
     try:
         meteor, _ = meteor_scorer.compute_score(gts_tokens, res_tokens)
@@ -210,17 +274,7 @@ def score_captions(
             meteor_scorer.lock.release()
         meteor_scorer.meteor_p.kill()
         meteor_scorer.meteor_p.wait()
-    rouge, _ = Rouge().compute_score(gts_tokens, res_tokens)
-    cider, _ = Cider().compute_score(gts_tokens, res_tokens)
-    scores = {
-        "BLEU-4": float(bleu[3]),
-        "METEOR": float(meteor),
-        "ROUGE-L": float(rouge),
-        "CIDEr": float(cider),
-    }
-    if spice:
-        scores["SPICE"] = _spice(gts_tokens, res_tokens)
-    return scores
+    return float(meteor)
 
 
 def _spice(gts_tokens: dict[str, list[str]], res_tokens: dict[str, list[str]]) -> float:

@@ -33,17 +33,20 @@ def predict_caption_batch(
 
 
 def score_caption_records(
-    records: Sequence[dict[str, Any]], samples: Sequence[CaptionSample], spice: bool = False
-) -> dict[str, float]:
+    records: Sequence[dict[str, Any]],
+    samples: Sequence[CaptionSample],
+    spice: bool = False,
+    tokenizer: str = "ptb",
+) -> dict[str, Any]:
     """`score_captions` of ``{"id", "caption"}`` records against the samples' references."""
     predictions = {str(record["id"]): record["caption"] for record in records}
     references = {sample.id: sample.references for sample in samples}
-    return score_captions(predictions, references, spice=spice)
+    return score_captions(predictions, references, spice=spice, tokenizer=tokenizer)
 
 
 def rescore_caption_file(
-    path: str | os.PathLike[str], samples: Sequence[CaptionSample], spice: bool = False
-) -> dict[str, float]:
+    path: str | os.PathLike[str], samples: Sequence[CaptionSample], spice: bool = False, tokenizer: str = "ptb"
+) -> dict[str, Any]:
     """Re-score a predictions file written by `evaluate_captions` against ``samples`` (no model)."""
 
     def check(record: dict[str, Any]) -> str | None:
@@ -56,7 +59,7 @@ def rescore_caption_file(
     if not records:
         raise ValueError(f"{path}: no predictions")
     try:
-        return score_caption_records(records, samples, spice=spice)
+        return score_caption_records(records, samples, spice=spice, tokenizer=tokenizer)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
 
@@ -69,12 +72,14 @@ def evaluate_captions(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: int = CAPTION_MAX_NEW_TOKENS,
     spice: bool = False,
+    tokenizer: str = "ptb",
     progress: bool = True,
     **generate_kwargs: Any,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Caption ``samples`` into ``predictions.jsonl`` (resumable, sharded), score them into ``metrics.json``.
 
-    Returns BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE with ``spice``) on every rank.
+    Returns BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE with ``spice``) on every rank; ``tokenizer="python"``
+    scores without Java (see `score_captions`).
     """
     check_files_exist((sample.image for sample in samples), "image")
     out_dir = Path(out_dir)
@@ -83,8 +88,8 @@ def evaluate_captions(
     def predict(batch: list[CaptionSample]) -> list[dict[str, Any]]:
         return predict_caption_batch(model, processor, batch, **generate_kwargs)
 
-    def score(records: list[dict[str, Any]]) -> dict[str, float]:
-        metrics = score_caption_records(records, samples, spice=spice)
+    def score(records: list[dict[str, Any]]) -> dict[str, Any]:
+        metrics = score_caption_records(records, samples, spice=spice, tokenizer=tokenizer)
         write_json(out_dir / METRICS_FILE, metrics)
         return metrics
 

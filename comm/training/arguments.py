@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from comm.extras import require_extra
+
 # CommConfig fields that can be set when a model is assembled from component checkpoints.
 CONFIG_FIELDS = (
     "clip_layers",
@@ -91,6 +93,8 @@ class ModelArguments:
             raise ValueError("--lora_r trains the LLM but --tune projector freezes it: use one or the other")
         if self.lora_r and not self.lora_target_modules:
             raise ValueError("--lora_target_modules is empty")
+        if self.attn_implementation == "flash_attention_2":
+            require_extra("flash_attn", "--attn_implementation flash_attention_2")
 
 
 @dataclass
@@ -154,6 +158,8 @@ class CommTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.deepspeed:
+            require_extra("deepspeed", f"--deepspeed {self.deepspeed}")
         if not self.use_cpu and not torch.cuda.is_available():
             self.use_cpu = True
         if self.warmup_ratio is not None:

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from accelerate.utils import DeepSpeedSchedulerWrapper
 from torch.utils.data import Sampler
 from transformers import ProgressCallback, Trainer
 from transformers.integrations import deepspeed as hf_deepspeed
-from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -103,6 +101,9 @@ class CommTrainer(Trainer):
         if not self.is_deepspeed_enabled:
             super()._save_optimizer_and_scheduler(output_dir)
             return
+        # accelerate defines this wrapper only when deepspeed is installed: import it where DeepSpeed runs.
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+
         self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
         if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
@@ -127,6 +128,8 @@ class CommTrainer(Trainer):
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if not self.is_deepspeed_enabled or resume_from_checkpoint is None:
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
         # The DeepSpeed checkpoint lacks the frozen parameters on purpose: load its module states non-strictly.
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
         deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)

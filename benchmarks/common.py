@@ -239,7 +239,7 @@ def build_tiny_model(
     Returns ``(model, processor)``.
     """
     from comm import CommConfig, build_from_components
-    from comm.model.build import save_random_components
+    from comm.build import save_random_components
 
     with stdout_to_stderr():  # save_pretrained may import DeepSpeed, which prints a notice on stdout
         torch.manual_seed(seed)

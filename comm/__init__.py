@@ -1,6 +1,6 @@
 """comm: COMM-style multimodal LLMs with multi-level CLIP + DINOv2 features (arXiv 2310.08825)."""
 
-from comm.model.build import add_image_tokens, build_from_components, build_processor
+from comm.build import add_image_tokens, build_from_components, build_processor
 from comm.model.configuration import CommConfig
 from comm.model.modeling import CommForConditionalGeneration
 from comm.pipeline import CommPipeline

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from comm import CommConfig, build_from_components  # noqa: E402
-from comm.model.build import save_random_components  # noqa: E402
+from comm.build import save_random_components  # noqa: E402
 
 if TYPE_CHECKING:
     from comm.pipeline import CommPipeline

@@ -117,7 +117,7 @@ def prepare_initial_model(config: DemoConfig, world: WorldFiles) -> Path:
     """
     from transformers import AutoTokenizer, set_seed
 
-    from comm.model.build import build_from_components, save_random_components
+    from comm.build import build_from_components, save_random_components
     from comm.model.configuration import CommConfig
 
     folder = config.out / "stage0"

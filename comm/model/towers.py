@@ -23,6 +23,13 @@ def pool_to_grid(tokens: torch.Tensor, grid_size: int) -> torch.Tensor:
     return pooled.flatten(2).transpose(1, 2)
 
 
+def truncated_tower_config(config: PreTrainedConfig, layers: list[int]) -> PreTrainedConfig:
+    """A copy of a tower config with only the blocks up to the deepest merged layer (nothing deeper is built)."""
+    truncated = copy.deepcopy(config)
+    truncated.num_hidden_layers = max(layers)
+    return truncated
+
+
 def transformer_blocks(encoder: PreTrainedModel) -> nn.ModuleList:
     """The list of transformer blocks of a CLIP vision model or a DINOv2 model."""
     body = getattr(encoder, "vision_model", encoder).encoder
@@ -42,9 +49,7 @@ class FrozenVisionTower(nn.Module):
 
     def __init__(self, config: PreTrainedConfig, layers: list[int], grid_size: int, image_size: int):
         super().__init__()
-        truncated = copy.deepcopy(config)
-        truncated.num_hidden_layers = max(layers)
-        self.encoder = AutoModel.from_config(truncated)
+        self.encoder = AutoModel.from_config(truncated_tower_config(config, layers))
         self.layers = list(layers)
         self.grid_size = grid_size
         self.image_size = image_size

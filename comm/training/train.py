@@ -19,7 +19,7 @@ from transformers import ProgressCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from comm.data import CommDataCollator, IssueLog, build_dataset, parse_data_specs
-from comm.model.build import build_from_components
+from comm.build import build_from_components
 from comm.model.modeling import CommForConditionalGeneration
 from comm.processing import CommProcessor
 from comm.training.arguments import CommTrainingArguments, DataArguments, ModelArguments, parse_arguments

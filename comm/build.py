@@ -17,6 +17,7 @@ from transformers import (
 
 from comm.model.configuration import CommConfig
 from comm.model.modeling import CommForConditionalGeneration
+from comm.model.towers import truncated_tower_config
 from comm.processing import (
     IMAGE_END_TOKEN,
     IMAGE_PATCH_TOKEN,
@@ -121,10 +122,10 @@ def build_from_components(
     load = {"dtype": dtype, "attn_implementation": attn_implementation}
     # A vision config makes AutoModel load CLIPVisionModel, also from a full CLIP checkpoint (as LLaVA does).
     model.clip_tower.encoder = AutoModel.from_pretrained(
-        clip, config=_truncated(config.clip_config, config.clip_layers), **load
+        clip, config=truncated_tower_config(config.clip_config, config.clip_layers), **load
     )
     model.dino_tower.encoder = AutoModel.from_pretrained(
-        dino, config=_truncated(config.dino_config, config.dino_layers), **load
+        dino, config=truncated_tower_config(config.dino_config, config.dino_layers), **load
     )
     model.language_model = AutoModelForCausalLM.from_pretrained(llm, **load)
     model.config.text_config = model.language_model.config  # one config object, so resizing updates both
@@ -136,13 +137,6 @@ def build_from_components(
     resize_embeddings_with_mean(model, len(tokenizer))
     processor = build_processor(tokenizer, config, clip, dino, model_max_length=model_max_length)
     return model, processor
-
-
-def _truncated(config, layers: list[int]):
-    """A copy of a tower config with only the blocks up to the deepest merged layer."""
-    truncated = config.__class__.from_dict(config.to_dict())
-    truncated.num_hidden_layers = max(layers)
-    return truncated
 
 
 def save_random_components(folder: str | Path, config: CommConfig) -> dict[str, str]:

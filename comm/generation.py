@@ -51,9 +51,8 @@ def generate_answers(
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
         prompts = [template.prompt(question) for question in questions[chunk]]
-        inputs = processor(text=prompts, images=list(images[chunk]), padding_side="left").to(model.device)
-        inputs["pixel_values_clip"] = inputs["pixel_values_clip"].to(model.dtype)
-        inputs["pixel_values_dino"] = inputs["pixel_values_dino"].to(model.dtype)
+        inputs = processor(text=prompts, images=list(images[chunk]), padding_side="left")
+        inputs = inputs.to(model.device, dtype=model.dtype)  # pixel values take the model's dtype, ids stay ints
         output = model.generate(**inputs, **generate_kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         answers.extend(text.strip() for text in processor.batch_decode(new_tokens))

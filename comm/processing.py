@@ -21,6 +21,7 @@ from transformers import (
 
 from comm.boxes import square_padding
 from comm.conversation import IMAGE_PLACEHOLDER
+from comm.model.modeling import PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO
 
 ImageInput = Image.Image | str | Path | np.ndarray
 
@@ -140,9 +141,19 @@ class CommProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
 
     @property
+    def image_block_tokens(self) -> list[str]:
+        """The tokens one image becomes: ``<im_start>``, ``num_image_tokens`` x ``<im_patch>``, ``<im_end>``."""
+        return [IMAGE_START_TOKEN, *[IMAGE_PATCH_TOKEN] * self.num_image_tokens, IMAGE_END_TOKEN]
+
+    @property
     def image_placeholder_text(self) -> str:
         """What one ``<image>`` placeholder expands to before tokenization."""
-        return IMAGE_START_TOKEN + IMAGE_PATCH_TOKEN * self.num_image_tokens + IMAGE_END_TOKEN
+        return "".join(self.image_block_tokens)
+
+    @property
+    def image_block_ids(self) -> list[int]:
+        """The token ids of one image's block (`image_block_tokens`)."""
+        return self.tokenizer.convert_tokens_to_ids(self.image_block_tokens)
 
     def expand_image_placeholders(self, text: str) -> str:
         """Replace each ``<image>`` with the image's token block."""
@@ -155,7 +166,7 @@ class CommProcessor:
         ]
         clip = self.clip_image_processor(images=squares, return_tensors="pt")["pixel_values"]
         dino = self.dino_image_processor(images=squares, return_tensors="pt")["pixel_values"]
-        return {"pixel_values_clip": clip, "pixel_values_dino": dino}
+        return {PIXEL_VALUES_CLIP: clip, PIXEL_VALUES_DINO: dino}
 
     def tokenize(self, text: str, max_length: int | None = None, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` with image placeholders expanded; text tokens are cut to fit ``max_length``.

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from comm.data.datasets import IGNORE_INDEX
-from comm.model.modeling import PIXEL_INPUTS
-from comm.processing import IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, CommProcessor, pad_sequences
+from comm.model.modeling import PIXEL_INPUTS, PIXEL_VALUES_CLIP
+from comm.processing import CommProcessor, pad_sequences
 
 
 @dataclass
@@ -32,16 +32,14 @@ class CommDataCollator:
         """A collator with the processor's pad id and a blank (pad-colour) image for image-less batches."""
         side = max(processor.clip_image_processor.size["height"], processor.dino_image_processor.size["height"])
         blank = processor.preprocess_images([Image.new("RGB", (side, side), processor.pad_color)])
-        tokens = [IMAGE_START_TOKEN] + [IMAGE_PATCH_TOKEN] * processor.num_image_tokens + [IMAGE_END_TOKEN]
-        ids = processor.tokenizer.convert_tokens_to_ids(tokens)
-        return cls(processor.pad_token_id, blank, ids)
+        return cls(processor.pad_token_id, blank, processor.image_block_ids)
 
     def __call__(self, features: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Collate dataset items into a training batch."""
         if not features:
             raise ValueError("cannot collate an empty batch")
         sequences = [f["input_ids"].tolist() for f in features]
-        with_images = [f for f in features if PIXEL_INPUTS[0] in f]
+        with_images = [f for f in features if PIXEL_VALUES_CLIP in f]
         blank_row = None
         if not with_images and self.blank_image is not None:
             blank_row = min(range(len(sequences)), key=lambda row: len(sequences[row]))

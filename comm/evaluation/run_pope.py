@@ -71,9 +71,8 @@ def yes_no_logits(
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images but {len(questions)} questions")
     prompts = [template.prompt(question) for question in questions]
-    inputs = processor(text=prompts, images=list(images), padding_side="left").to(model.device)
-    inputs["pixel_values_clip"] = inputs["pixel_values_clip"].to(model.dtype)
-    inputs["pixel_values_dino"] = inputs["pixel_values_dino"].to(model.dtype)
+    inputs = processor(text=prompts, images=list(images), padding_side="left")
+    inputs = inputs.to(model.device, dtype=model.dtype)  # pixel values take the model's dtype, ids stay ints
     logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
     chosen = logits[:, list(token_ids)].cpu()
     return [(float(yes), float(no)) for yes, no in chosen.tolist()]

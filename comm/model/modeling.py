@@ -21,7 +21,10 @@ from comm.model.configuration import CommConfig
 from comm.model.merge import LLNLayerscale
 from comm.model.towers import FrozenVisionTower
 
-PIXEL_INPUTS = ("pixel_values_clip", "pixel_values_dino")
+# The image inputs of `forward` (what `CommProcessor` returns under these names): each tower's pixel values.
+PIXEL_VALUES_CLIP = "pixel_values_clip"
+PIXEL_VALUES_DINO = "pixel_values_dino"
+PIXEL_INPUTS = (PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO)
 
 
 class CommPreTrainedModel(PreTrainedModel):

@@ -27,7 +27,8 @@ from PIL import Image
 from transformers import LlamaConfig, LlamaTokenizer
 
 from comm import CommConfig, CommForConditionalGeneration, add_image_tokens, build_processor
-from comm.pipeline import CommPipeline, resolve_dtype
+from comm.loading import resolve_dtype
+from comm.pipeline import CommPipeline
 
 BATCH_SIZES = (1, 16)
 

@@ -93,19 +93,15 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace, images: Sequence[str]):
-    """Check the images and the model folder (cheap) before loading the model (slow)."""
-    from comm.pipeline import CommPipeline, load_images, resolve_dtype, resolve_model_folder
-
-    loaded = load_images(list(images))
-    folder = resolve_model_folder(_model_path(args))
-    if args.dtype is not None:
-        import torch
-
-        resolve_dtype(args.dtype, torch.device("cpu"))  # reject a bad --dtype before loading
+    """Check the images, then the model folder, device and dtype (cheap) before loading the model (slow)."""
     from transformers.utils import logging as hf_logging
 
+    from comm.pipeline import CommPipeline, load_images
+
+    loaded = load_images(list(images))
+    model_path = _model_path(args)
     hf_logging.disable_progress_bar()  # keep stdout/stderr to the answers
-    return CommPipeline.from_pretrained(folder, device=args.device, dtype=args.dtype), loaded
+    return CommPipeline.from_pretrained(model_path, device=args.device, dtype=args.dtype), loaded
 
 
 def _caption(args: argparse.Namespace) -> int:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,137 +10,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from comm.boxes import Box, denormalize_box, parse_box
+from comm.boxes import Box
 from comm.conversation import CAPTION_PROMPT, IMAGE_PLACEHOLDER, VICUNA_V1, ConversationTemplate, rec_prompt, with_image
 from comm.generation import generate_answers
+from comm.grounding import Grounding
+from comm.loading import load_model_and_processor
 from comm.model.modeling import CommForConditionalGeneration
-from comm.processing import CLIP_SUBFOLDER, DINO_SUBFOLDER, PROCESSOR_CONFIG, CommProcessor, ImageInput, load_image
+from comm.processing import CommProcessor, ImageInput, load_image
 
 CAPTION_MAX_NEW_TOKENS = 64
 GROUND_MAX_NEW_TOKENS = 64  # "[0.123,0.456,0.789,0.999]" is ~27 LLaMA tokens (digits are single tokens)
 ASK_MAX_NEW_TOKENS = 256
 DEFAULT_BATCH_SIZE = 8
-
-MODEL_CONFIG = "config.json"
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-@dataclass(frozen=True)
-class Grounding:
-    """One grounding result: the box in original-image pixels (None when the answer has no box) and the answer."""
-
-    box: Box | None
-    answer: str
-    image_size: tuple[int, int]
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU.
-
-    >>> default_device()  # on a machine without a GPU
-    device(type='cpu')
-    """
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """``dtype`` as a torch dtype; by default bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
-
-    >>> resolve_dtype("bf16", torch.device("cpu"))
-    torch.bfloat16
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
-        return _DTYPES[key]
-    if dtype is not None:
-        raise TypeError(f"dtype must be a torch.dtype, a string or None, got {type(dtype).__name__}")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def check_model_folder(folder: str | Path, require_weights: bool = True) -> Path:
-    """Raise a clear error naming ``folder`` and what it lacks unless it holds a complete COMM model + processor.
-
-    Only small files are read: nothing here loads weights.
-
-    >>> check_model_folder("runs/stage2/final")  # doctest: +SKIP
-    PosixPath('runs/stage2/final')
-    """
-    path = Path(folder)
-    if not path.exists():
-        raise FileNotFoundError(f"model folder not found: {path}")
-    if not path.is_dir():
-        raise NotADirectoryError(f"{path} is a file, not a model folder")
-    required = [
-        MODEL_CONFIG,
-        PROCESSOR_CONFIG,
-        f"{CLIP_SUBFOLDER}/{IMAGE_PROCESSOR_CONFIG}",
-        f"{DINO_SUBFOLDER}/{IMAGE_PROCESSOR_CONFIG}",
-    ]
-    missing = [name for name in required if not (path / name).is_file()]
-    if require_weights and not any((path / name).is_file() for name in WEIGHT_FILES):
-        missing.append(" or ".join(WEIGHT_FILES[:2]) + " (the weights)")
-    if missing:
-        hint = ""
-        if PROCESSOR_CONFIG in missing and MODEL_CONFIG not in missing:
-            hint = " (save the processor next to the model: processor.save_pretrained(folder))"
-        raise FileNotFoundError(f"{path} is not a complete COMM model folder: missing {', '.join(missing)}{hint}")
-    try:
-        model_type = json.loads((path / MODEL_CONFIG).read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise ValueError(f"{path / MODEL_CONFIG} is not a valid model config ({error})") from None
-    if model_type != "comm":
-        raise ValueError(f"{path / MODEL_CONFIG} has model_type {model_type!r}, expected 'comm'")
-    return path
-
-
-def resolve_model_folder(path_or_name: str | Path) -> Path:
-    """A local folder as is; a Hugging Face Hub id (``owner/name``, not a local path) downloaded to the cache.
-
-    The hub repo's small files are fetched and checked before its weights are downloaded.
-
-    >>> resolve_model_folder("runs/stage2/final")  # doctest: +SKIP
-    PosixPath('runs/stage2/final')
-    """
-    path = Path(path_or_name)
-    name = str(path_or_name)
-    if path.exists() or not _REPO_ID.match(name):
-        return check_model_folder(path)
-    from huggingface_hub import snapshot_download
-
-    def download(**kwargs: Any) -> Path:
-        try:
-            return Path(snapshot_download(name, **kwargs))
-        except Exception as error:  # network, auth, offline mode, unknown repo: one clear message
-            raise FileNotFoundError(
-                f"model folder not found: {name} (no such local folder, and fetching it from the Hugging Face Hub "
-                f"failed: {type(error).__name__}: {error})"
-            ) from None
-
-    check_model_folder(download(allow_patterns=["*.json", "*.model", "*.txt"]), require_weights=False)
-    return check_model_folder(download())
 
 
 def _is_single_image(images: Any) -> bool:
@@ -249,22 +127,16 @@ class CommPipeline:
     ) -> CommPipeline:
         """Load model and processor from one folder (a training export or a hub-style folder, or a hub id).
 
-        The device defaults to CUDA when available, else CPU; the dtype to bf16 on GPUs that support it
-        (fp16 on older GPUs) and float32 on CPU. The folder is checked for ``config.json``,
-        ``processor_config.json``, the image processors and the weights before anything is loaded.
-        ``model_kwargs`` go to `CommForConditionalGeneration.from_pretrained` (``attn_implementation``...).
+        See `comm.loading.load_model_and_processor`: the folder is checked for ``config.json``,
+        ``processor_config.json``, the image processors and the weights before anything is loaded; the device
+        defaults to CUDA when available, else CPU; the dtype to bf16 on GPUs that support it (fp16 on older GPUs)
+        and float32 on CPU. ``model_kwargs`` go to `CommForConditionalGeneration.from_pretrained`
+        (``attn_implementation``...).
 
         >>> pipe = CommPipeline.from_pretrained("runs/stage2/final")  # doctest: +SKIP
         >>> pipe = CommPipeline.from_pretrained("runs/stage2/final", device="cpu", dtype="bf16")  # doctest: +SKIP
         """
-        folder = resolve_model_folder(path_or_name)
-        device = torch.device(device) if device is not None else default_device()
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} asked for, but CUDA is not available here (use device='cpu')")
-        torch_dtype = resolve_dtype(dtype, device)
-        processor = CommProcessor.from_pretrained(folder)
-        model = CommForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype, **model_kwargs)
-        return cls(model.to(device), processor)
+        return cls(*load_model_and_processor(path_or_name, device, dtype, **model_kwargs))
 
     @property
     def device(self) -> torch.device:
@@ -341,13 +213,7 @@ class CommPipeline:
         loaded, expression_list, single = _load_pairs(images, expressions, "expression")
         questions = [rec_prompt(expression) for expression in expression_list]
         answers = self._generate(loaded, questions, batch_size, **generate_kwargs)
-        results = []
-        for image, answer in zip(loaded, answers):
-            width, height = image.size
-            normalized = parse_box(answer)
-            box = denormalize_box(normalized, width, height) if normalized is not None else None
-            results.append(Grounding(box=box, answer=answer, image_size=(width, height)))
-        return results, single
+        return [Grounding.from_answer(answer, image.size) for image, answer in zip(loaded, answers)], single
 
     def ground_detailed(
         self,

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
+from comm.loading import check_model_folder
 from comm.model.modeling import CommForConditionalGeneration
-from comm.pipeline import CommPipeline, Grounding, check_model_folder
+from comm.pipeline import CommPipeline, Grounding
 from comm.processing import CommProcessor
 from comm.visualize import GT_COLOR, PRED_COLOR, draw_boxes, image_grid, save_rec_grid
 

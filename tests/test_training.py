@@ -19,9 +19,9 @@ from PIL import Image, ImageDraw
 from transformers import AutoTokenizer, TrainerCallback, set_seed
 
 from comm import CommConfig, CommForConditionalGeneration, CommProcessor, build_from_components
+from comm.build import save_random_components
 from comm.data import DataError
 from comm.demo.tokenizer import train_demo_tokenizer
-from comm.build import save_random_components
 from comm.training.train import main
 from comm.training.trainer import TRAINABLE_WEIGHTS
 

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from comm.boxes import box_iou, denormalize_box, parse_box
+from comm.boxes import box_iou
 from comm.conversation import rec_prompt
 from comm.evaluation.jsonl import write_json
 from comm.evaluation.rec import RecSample, score_rec
 from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, predict_and_score
 from comm.generation import generate_answers
+from comm.grounding import Grounding
 from comm.processing import load_image
 
 REC_MAX_NEW_TOKENS = 64  # "[0.123,0.456,0.789,0.999]" is ~27 LLaMA tokens (digits are single tokens)
@@ -22,8 +23,8 @@ VISUALIZATION_FILE = "visualization.png"
 
 def rec_record(sample: RecSample, answer: str, width: int, height: int) -> dict[str, Any]:
     """The predictions-file line for ``sample``: the answer's first box mapped to original-image pixels."""
-    normalized = parse_box(answer)
-    pred_box = list(denormalize_box(normalized, width, height)) if normalized is not None else None
+    box = Grounding.from_answer(answer, (width, height)).box
+    pred_box = list(box) if box is not None else None
     gt_box = list(sample.bbox_xyxy)
     return {
         "id": sample.id,

@@ -145,19 +145,18 @@ def seed_everything(seed: int) -> None:
 def load_model(
     path: str | os.PathLike[str], device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> tuple[Any, Any]:
-    """Load ``(model, processor)`` in eval mode with `CommPipeline.from_pretrained`.
+    """Load ``(model, processor)`` in eval mode with `comm.loading.load_model_and_processor`.
 
     The device defaults to this rank's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU; the
     dtype to bf16 on GPUs that support it and float32 on CPU (``"auto"`` means the default).
     """
-    from comm.pipeline import CommPipeline
+    from comm.loading import load_model_and_processor
 
     if device is None and torch.cuda.is_available():
         device = f"cuda:{dist_info().local_rank % torch.cuda.device_count()}"
     if isinstance(dtype, str) and dtype.lower() == "auto":
         dtype = None
-    pipeline = CommPipeline.from_pretrained(path, device=device, dtype=dtype)
-    return pipeline.model.eval(), pipeline.processor
+    return load_model_and_processor(path, device, dtype)
 
 
 def check_files_exist(paths: Iterable[str | os.PathLike[str]], what: str = "image") -> None:

@@ -18,8 +18,9 @@ import torch
 from transformers import ProgressCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from comm.data import CommDataCollator, IssueLog, build_dataset, parse_data_specs
 from comm.build import build_from_components
+from comm.data import CommDataCollator, IssueLog, build_dataset, parse_data_specs
+from comm.loading import load_model_and_processor
 from comm.model.modeling import CommForConditionalGeneration
 from comm.processing import CommProcessor
 from comm.training.arguments import CommTrainingArguments, DataArguments, ModelArguments, parse_arguments
@@ -59,11 +60,12 @@ def load_model(
     dtype = load_dtype(training_args)
     with zero3_init_disabled():
         if model_args.model_name_or_path:
-            model = CommForConditionalGeneration.from_pretrained(
-                model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation
-            )
-            processor = CommProcessor.from_pretrained(
-                model_args.model_name_or_path, model_max_length=data_args.model_max_length
+            model, processor = load_model_and_processor(
+                model_args.model_name_or_path,
+                device="cpu",  # the Trainer (or DeepSpeed) places the model
+                dtype=dtype,
+                model_max_length=data_args.model_max_length,
+                attn_implementation=model_args.attn_implementation,
             )
         else:
             model, processor = build_from_components(

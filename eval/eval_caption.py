@@ -21,7 +21,7 @@ from typing import Any
 
 from comm.evaluation.caption import CAPTION_TOKENIZERS, KARPATHY_SPLITS, CaptionSample, load_caption_file
 from comm.evaluation.run_caption import CAPTION_MAX_NEW_TOKENS, evaluate_captions, rescore_caption_file
-from comm.evaluation.runner import add_run_arguments, print_json, run_evaluation, script_main
+from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluation, script_main
 
 
 def build_parser() -> argparse.ArgumentParser:

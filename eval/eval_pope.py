@@ -17,7 +17,7 @@ from typing import Any
 
 from comm.evaluation.pope import load_pope_answers, load_pope_questions, score_pope, summarize_pope_splits
 from comm.evaluation.run_pope import ANSWER_MODES, POPE_MAX_NEW_TOKENS, evaluate_pope_splits
-from comm.evaluation.runner import add_run_arguments, print_json, run_evaluation, script_main
+from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluation, script_main
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import pytest
 
 from comm.boxes import box_iou
 from comm.evaluation.caption import CaptionSample, load_caption_file, load_karpathy, score_captions
-from comm.evaluation.jsonl import append_jsonl, read_jsonl, write_json
+from comm.evaluation.files import append_jsonl, read_jsonl, write_json
 from comm.evaluation.pope import (
     load_pope_answers,
     load_pope_questions,

@@ -1,1 +1,1 @@
-"""Model-free evaluation: benchmark readers (RefCOCO, POPE, captions) and their official metrics."""
+"""Evaluation: REC, POPE and caption readers and metrics, their runs with a model, sharding and resume, the scripts."""

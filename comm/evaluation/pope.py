@@ -3,48 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from comm.evaluation.jsonl import iter_jsonl
+from comm.evaluation.files import read_unique_records
 
 POPE_LABELS = ("yes", "no")
 QUESTION_KEYS = ("question_id", "image", "text", "label")
+# The per-split columns of the POPE metrics table (`comm.evaluation.tables.format_metrics`).
+POPE_TABLE_COLUMNS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")
 
 
 def _id_key(question_id: Any) -> str:
     """Question ids are compared as strings, so ``1`` in an answers file matches ``"1"`` in the labels."""
     return str(question_id)
-
-
-def read_unique_records(
-    path: str | os.PathLike[str],
-    keys: Sequence[str],
-    id_key: str,
-    check: Callable[[dict[str, Any]], str | None] | None = None,
-) -> list[dict[str, Any]]:
-    """JSON-lines records that hold ``keys``, pass ``check`` (returns a problem or None), with distinct ``id_key``s.
-
-    A bad record raises ValueError naming the file and the line.
-    """
-    path = Path(path)
-    records: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for line_number, record in iter_jsonl(path):
-        where = f"{path}, line {line_number}"
-        missing = [key for key in keys if key not in record]
-        if missing:
-            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
-        problem = check(record) if check is not None else None
-        if problem is not None:
-            raise ValueError(f"{where}: {problem}")
-        key = _id_key(record[id_key])
-        if key in seen:
-            raise ValueError(f"{where}: duplicate {id_key} {record[id_key]!r} (first on line {seen[key]})")
-        seen[key] = line_number
-        records.append(record)
-    return records
 
 
 def load_pope_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

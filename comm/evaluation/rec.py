@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from comm.boxes import box_iou, xywh_to_xyxy
-from comm.evaluation.jsonl import iter_jsonl
+from comm.evaluation.files import iter_jsonl_strict
 
 # Valid splits for each (dataset, split_by) of the REFER release; the first split_by is the default.
 REFER_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -177,7 +177,7 @@ def load_rec_jsonl(
     path = Path(path)
     samples: list[RecSample] = []
     seen: set[str] = set()
-    for line_number, record in iter_jsonl(path):
+    for line_number, record in iter_jsonl_strict(path):
         where = f"{path}, line {line_number}"
         missing = [key for key in ("image", "expression", "bbox") if key not in record]
         if missing:
@@ -232,7 +232,7 @@ def rescore_predictions_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Recompute Acc@0.5 from a predictions file written by the REC evaluation (IoUs are recomputed)."""
     path = Path(path)
     records = []
-    for line_number, record in iter_jsonl(path):
+    for line_number, record in iter_jsonl_strict(path):
         where = f"{path}, line {line_number}"
         missing = [key for key in PREDICTION_KEYS if key not in record]
         if missing:

@@ -9,9 +9,8 @@ from typing import Any
 
 from comm.conversation import CAPTION_PROMPT
 from comm.evaluation.caption import CaptionSample, score_captions
-from comm.evaluation.jsonl import write_json
-from comm.evaluation.pope import read_unique_records
-from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, predict_and_score
+from comm.evaluation.files import METRICS_FILE, check_files_exist, read_unique_records, write_json
+from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, predict_and_score
 from comm.generation import generate_answers
 from comm.processing import load_image
 

@@ -10,15 +10,9 @@ from typing import Any
 import torch
 
 from comm.conversation import VICUNA_V1, ConversationTemplate, with_image
-from comm.evaluation.jsonl import write_json
+from comm.evaluation.files import METRICS_FILE, check_files_exist, write_json
 from comm.evaluation.pope import score_pope, summarize_pope_splits
-from comm.evaluation.runner import (
-    DEFAULT_BATCH_SIZE,
-    METRICS_FILE,
-    check_files_exist,
-    on_main,
-    predict_and_score,
-)
+from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, on_main, predict_and_score
 from comm.generation import generate_answers
 from comm.processing import load_image
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from comm.boxes import box_iou
 from comm.conversation import rec_prompt
-from comm.evaluation.jsonl import write_json
+from comm.evaluation.files import METRICS_FILE, check_files_exist, write_json
 from comm.evaluation.rec import RecSample, score_rec
-from comm.evaluation.runner import DEFAULT_BATCH_SIZE, METRICS_FILE, check_files_exist, predict_and_score
+from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, predict_and_score
 from comm.generation import generate_answers
 from comm.grounding import Grounding
 from comm.processing import load_image

@@ -1,0 +1,105 @@
+"""The files an evaluation reads and writes: JSON lines read strictly (errors name the file and line), appended as
+predictions come, and written atomically; the inputs checked to exist before any model work."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+
+
+def iter_jsonl_strict(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for each non-blank line; a bad line raises ValueError naming it."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
+            yield line_number, record
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSON-lines file of objects; blank lines are skipped, a bad line raises ValueError."""
+    return [record for _, record in iter_jsonl_strict(path)]
+
+
+def read_unique_records(
+    path: str | os.PathLike[str],
+    keys: Sequence[str],
+    id_key: str,
+    check: Callable[[dict[str, Any]], str | None] | None = None,
+) -> list[dict[str, Any]]:
+    """JSON-lines records that hold ``keys``, pass ``check`` (returns a problem or None), with distinct ``id_key``s.
+
+    Ids are compared as strings (``1`` and ``"1"`` are the same id). A bad record raises ValueError naming the file
+    and the line.
+    """
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line_number, record in iter_jsonl_strict(path):
+        where = f"{path}, line {line_number}"
+        missing = [key for key in keys if key not in record]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+        problem = check(record) if check is not None else None
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+        key = str(record[id_key])
+        if key in seen:
+            raise ValueError(f"{where}: duplicate {id_key} {record[id_key]!r} (first on line {seen[key]})")
+        seen[key] = line_number
+        records.append(record)
+    return records
+
+
+def append_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> None:
+    """Append ``records`` to a JSON-lines file, one object a line, creating the file and its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+    with path.open("a", encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+
+
+def write_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_atomically(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> None:
+    """Write ``records`` as JSON lines, atomically."""
+    write_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def check_files_exist(paths: Iterable[str | os.PathLike[str]], what: str = "image") -> None:
+    """Raise FileNotFoundError saying how many of ``paths`` are missing and which first (before any model work)."""
+    missing = sorted({str(path) for path in paths if not Path(path).is_file()})
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} {what} file(s) not found (first: {missing[0]})")

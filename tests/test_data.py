@@ -23,13 +23,13 @@ from comm.data import (
     DataSpec,
     IssueKind,
     IssueLog,
+    Sample,
     SampleEncoder,
     build_dataset,
     load_samples,
     mixture_indices,
     parse_data_specs,
 )
-from comm.data.datasets import Sample
 from comm.demo.tokenizer import train_demo_tokenizer
 
 TURNS = (

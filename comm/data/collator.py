@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from comm.data.datasets import IGNORE_INDEX
+from comm.data.tokenization import IGNORE_INDEX
 from comm.model.modeling import PIXEL_INPUTS, PIXEL_VALUES_CLIP
 from comm.processing import CommProcessor, pad_sequences
 

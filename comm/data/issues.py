@@ -50,6 +50,15 @@ class DataIssue:
         return data
 
 
+class Rejected(Exception):
+    """A sample fails a check; carries the issue kind and the reason."""
+
+    def __init__(self, kind: IssueKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
 class DataError(ValueError):
     """Raised at the first bad input in ``--strict`` mode; the message names the file and line."""
 

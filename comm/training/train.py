@@ -112,11 +112,6 @@ def configure_trainable(model: CommForConditionalGeneration, model_args: ModelAr
     model.freeze_towers()
 
 
-def lora_scaling(model_args: ModelArguments) -> float | None:
-    """The LoRA merge factor ``alpha / r``, or None without LoRA."""
-    return model_args.lora_alpha / model_args.lora_r if model_args.lora_r else None
-
-
 def check_deepspeed_config(args: CommTrainingArguments) -> None:
     """ZeRO-3 must gather 16-bit weights at save time, or the export would not be a loadable model."""
     config = getattr(args, "hf_deepspeed_config", None)
@@ -193,7 +188,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
 
     output_dir = Path(training_args.output_dir)
     export_dir = output_dir / EXPORT_FOLDER
-    trainer.export(export_dir, lora_scaling(model_args))
+    trainer.export(export_dir)
     log_history = list(trainer.state.log_history)
     if is_main:
         write_outputs(output_dir, log_history, issues, training_args.stage)

@@ -1,4 +1,4 @@
-"""`CommTrainer`: checkpoints that hold only the trained weights, LoRA-merging export, and a progress bar."""
+"""`CommTrainer`: checkpoints that hold only the trained weights, a complete export (LoRA merged), a progress bar."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
@@ -18,8 +19,10 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from comm.model.modeling import CommForConditionalGeneration
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
 TRAINABLE_WEIGHTS = "trainable.safetensors"
-LORA_WRAPPER_PREFIX = "language_model.base_model.model."  # where peft puts the LLM inside its wrapper
 
 
 @contextlib.contextmanager
@@ -44,6 +47,10 @@ class CommTrainer(Trainer):
     Checkpoint folders get ``trainable.safetensors`` (plus the config and processor) instead of a full model, and
     DeepSpeed checkpoints are written with ``exclude_frozen_parameters``; resuming loads them back on top of the
     frozen weights the run starts from. The final export (`export`) is a complete `from_pretrained` folder.
+
+    The private `Trainer` methods overridden here are the ones these checkpoints need (and the sampler that reads
+    the lengths measured at tokenization); tests/test_trainer_overrides.py fails when transformers renames one,
+    changes its parameters or stops calling it.
     """
 
     def __init__(self, *args, **kwargs):
@@ -51,7 +58,6 @@ class CommTrainer(Trainer):
         self.trainable_names = {name for name, param in self.model.named_parameters() if param.requires_grad}
         if not self.trainable_names:
             raise ValueError("nothing to train: every parameter of the model is frozen")
-        self._saving_checkpoint = False
 
     # --- sampling -------------------------------------------------------------------------------------------
 
@@ -67,17 +73,8 @@ class CommTrainer(Trainer):
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial) -> None:
-        self._saving_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_checkpoint = False
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self._saving_checkpoint:
-            super()._save(output_dir, state_dict)
-            return
+        """A checkpoint's model part: the trained weights only, the config and the processor (`export` writes all)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -98,6 +95,7 @@ class CommTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """DeepSpeed checkpoints without the frozen parameters (transformers excludes them for peft models only)."""
         if not self.is_deepspeed_enabled:
             super()._save_optimizer_and_scheduler(output_dir)
             return
@@ -109,6 +107,7 @@ class CommTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume from ``trainable.safetensors`` on top of the frozen weights the run started from."""
         path = os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS)
         if not os.path.isfile(path):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -126,6 +125,7 @@ class CommTrainer(Trainer):
         model.load_state_dict(state, strict=False)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """Resume a DeepSpeed checkpoint non-strictly: it lacks the frozen parameters on purpose."""
         if not self.is_deepspeed_enabled or resume_from_checkpoint is None:
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         from transformers.integrations.deepspeed import deepspeed_load_checkpoint
@@ -145,49 +145,49 @@ class CommTrainer(Trainer):
             return self.accelerator.get_state_dict(self.deepspeed)
         return self.accelerator.unwrap_model(self.model).state_dict()
 
-    def export(self, export_dir: str | Path, lora_scaling: float | None = None) -> None:
-        """Write a complete model + processor folder that ``from_pretrained`` loads; LoRA is merged first."""
-        export_dir = str(export_dir)
-        if lora_scaling is None:
-            self.save_model(export_dir)
-        else:
-            state_dict = self.full_state_dict()
-            if self.args.should_save:
-                merged = merge_lora_state_dict(state_dict, lora_scaling)
-                save_clean_model(self.accelerator.unwrap_model(self.model).config, merged, export_dir)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(export_dir)
+    def export(self, export_dir: str | Path) -> None:
+        """Write a complete model + processor folder that ``from_pretrained`` loads; LoRA is merged into the LLM.
+
+        Every process takes part in gathering the ZeRO-3 partitions; the main process writes the folder.
+        """
+        state_dict = self.full_state_dict()
+        if self.args.should_save:
+            trained = self.accelerator.unwrap_model(self.model)
+            model = plain_model(trained.config, state_dict, lora_config(trained))
+            model.generation_config = trained.generation_config  # as loaded, not re-derived from the training config
+            model.save_pretrained(export_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(export_dir)
+            torch.save(self.args, os.path.join(export_dir, TRAINING_ARGS_NAME))
         self.accelerator.wait_for_everyone()
 
 
-def merge_lora_state_dict(
-    state_dict: dict[str, torch.Tensor], scaling: float, adapter: str = "default"
-) -> dict[str, torch.Tensor]:
-    """A plain model's state dict from one whose LLM carries peft LoRA layers: ``W + scaling * B @ A``, renamed."""
-    merged = {}
-    for key, value in state_dict.items():
-        if ".lora_" in key:
-            continue
-        if ".base_layer." in key:
-            module, param = key.split(".base_layer.", 1)
-            if param == "weight":
-                lora_a = state_dict[f"{module}.lora_A.{adapter}.weight"].float()
-                lora_b = state_dict[f"{module}.lora_B.{adapter}.weight"].float()
-                value = (value.float() + scaling * (lora_b @ lora_a)).to(value.dtype)
-            key = f"{module}.{param}"
-        if key.startswith(LORA_WRAPPER_PREFIX):
-            key = "language_model." + key[len(LORA_WRAPPER_PREFIX) :]
-        merged[key] = value
-    return merged
+def lora_config(model: CommForConditionalGeneration) -> LoraConfig | None:
+    """The LoRA config of the model's LLM when peft wraps it, else None."""
+    peft_config = getattr(model.language_model, "peft_config", None)
+    return peft_config[model.language_model.active_adapter] if peft_config else None
 
 
-def save_clean_model(config, state_dict: dict[str, torch.Tensor], folder: str | Path) -> None:
-    """Save ``state_dict`` as a `CommForConditionalGeneration` folder; every key must match the model exactly."""
+def plain_model(
+    config, state_dict: dict[str, torch.Tensor], lora: LoraConfig | None = None
+) -> CommForConditionalGeneration:
+    """A `CommForConditionalGeneration` holding ``state_dict`` (every key must match); a LoRA LLM merged by peft.
+
+    The model is built on the meta device and takes the state dict's tensors as they are (no second copy of the
+    weights), so it works from a ZeRO-3 state dict gathered on the main process. With ``lora`` the state dict is a
+    peft-wrapped LLM's: peft's ``merge_and_unload`` folds the adapters in, on copies of the base weights.
+    """
     with zero3_init_disabled():
         with torch.device("meta"):
             model = CommForConditionalGeneration(config)
+            if lora is not None:
+                from peft import get_peft_model
+
+                model.language_model = get_peft_model(model.language_model, lora)
         model.load_state_dict(state_dict, strict=True, assign=True)
-        model.save_pretrained(folder)
+    if lora is not None:
+        model.language_model = model.language_model.merge_and_unload(safe_merge=True)
+    return model
 
 
 class ProgressBarCallback(ProgressCallback):

@@ -1,36 +1,29 @@
-#!/usr/bin/env python
 """Benchmark: batched (left-padded, KV-cached) vs one-at-a-time greedy generation with the tiny COMM model on CPU.
 
 Prints ONE JSON line: ``{"benchmark": "batched_generation", "value": <speed ratio>, "unit": "x", ...}`` with a
 breakdown of where the time goes (image preprocessing, vision path, LLM decoding per step). Exits 1 when the
 batched predictions differ from the one-at-a-time ones.
 
-    python benchmarks/bench_batched_generation.py            # 32 prompts, best of 3 (after a warm-up pass)
-    python benchmarks/bench_batched_generation.py --quick    # 16 prompts, once (after a warm-up pass)
+    python -m benchmarks.bench_batched_generation            # 32 prompts, best of 3 (after a warm-up pass)
+    python -m benchmarks.bench_batched_generation --quick    # 16 prompts, once (after a warm-up pass)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import TimedProcessor, build_tiny_model, timed_method  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from comm import CommForConditionalGeneration, CommProcessor  # noqa: E402
-from comm.conversation import CAPTION_PROMPT, rec_prompt, with_image  # noqa: E402
-from comm.generation import generate_answers  # noqa: E402
+from benchmarks.common import TimedProcessor, build_tiny_model, fastest, timed_method
+from comm import CommForConditionalGeneration, CommProcessor
+from comm.conversation import CAPTION_PROMPT, rec_prompt, with_image
+from comm.generation import generate_answers
 
 BATCH_SIZE = 16
 NEW_TOKENS = 24
@@ -62,37 +55,32 @@ def run_mode(
     repeats: int,
 ) -> tuple[list[str], dict[str, float]]:
     """Generate ``NEW_TOKENS`` tokens for every prompt ``repeats`` times; the answers and the fastest run's timings."""
-    best: dict[str, float] | None = None
-    answers: list[str] = []
-    for _ in range(repeats):
+
+    def one_run() -> tuple[list[str], float, float]:
         timed_processor = TimedProcessor(processor)
         totals: dict[str, float] = {}
         restore = timed_method(model, "get_image_features", totals)
         try:
-            start = time.perf_counter()
             answers = generate_answers(
                 model, timed_processor, images, questions, batch_size=batch_size,  # type: ignore[arg-type]
                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
             )  # fmt: skip
-            total = time.perf_counter() - start
         finally:
             restore()
-        calls = -(-len(questions) // batch_size)
-        vision = totals.get("get_image_features", 0.0)
-        llm = total - timed_processor.seconds - vision
-        timings = {
-            "seconds": total,
-            "preprocess_s": timed_processor.seconds,
-            "vision_s": vision,
-            "llm_s": llm,
-            "ms_per_decode_step": 1000 * llm / (calls * NEW_TOKENS),
-            "generate_calls": calls,
-        }
-        if best is None or total < best["seconds"]:
-            best = timings
-    if best is None:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    return answers, best
+        return answers, timed_processor.seconds, totals.get("get_image_features", 0.0)
+
+    (answers, preprocess, vision), total = fastest(one_run, repeats)
+    calls = -(-len(questions) // batch_size)
+    llm = total - preprocess - vision
+    timings = {
+        "seconds": total,
+        "preprocess_s": preprocess,
+        "vision_s": vision,
+        "llm_s": llm,
+        "ms_per_decode_step": 1000 * llm / (calls * NEW_TOKENS),
+        "generate_calls": calls,
+    }
+    return answers, timings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 Every caption is exactly ``--new-tokens`` tokens long (``min_new_tokens = max_new_tokens``, so end-of-sequence
 cannot stop a row early), so the batch sizes do the same work. Prints one JSON line.
 
-    python benchmarks/bench_caption_throughput.py --quick              # tiny random model, CPU (1 thread), < 60 s
-    python benchmarks/bench_caption_throughput.py --real-size          # ViT-L/14-336 + DINOv2-L + 7B LLM, GPU
+    python -m benchmarks.bench_caption_throughput --quick              # tiny random model, CPU (1 thread), < 60 s
+    python -m benchmarks.bench_caption_throughput --real-size          # ViT-L/14-336 + DINOv2-L + 7B LLM, GPU
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 import transformers
-from common import LLAMA_7B, TOKENIZER_DIR, TokenCounter, build_tiny_model, synchronize
 from PIL import Image
 from transformers import LlamaConfig, LlamaTokenizer
 
+from benchmarks.common import LLAMA_7B, TOKENIZER_DIR, TokenCounter, build_tiny_model, fastest
 from comm import CommConfig, CommForConditionalGeneration, add_image_tokens, build_processor
 from comm.loading import resolve_dtype
 from comm.pipeline import CommPipeline
@@ -78,17 +77,10 @@ def time_captions(
 ) -> float:
     """Best images/s over ``repeats`` runs of captioning ``images`` at ``batch_size``."""
     options = {"min_new_tokens": new_tokens, "max_new_tokens": new_tokens, "batch_size": batch_size}
-    best = 0.0
-    for _ in range(repeats):
-        synchronize(pipe.device)
-        start = time.perf_counter()
-        captions = pipe.caption(images, **options)
-        synchronize(pipe.device)
-        elapsed = time.perf_counter() - start
-        if len(captions) != len(images):
-            raise RuntimeError(f"got {len(captions)} captions for {len(images)} images")
-        best = max(best, len(images) / elapsed)
-    return best
+    captions, seconds = fastest(lambda: pipe.caption(images, **options), repeats, pipe.device)
+    if len(captions) != len(images):
+        raise RuntimeError(f"got {len(captions)} captions for {len(images)} images")
+    return len(images) / seconds
 
 
 def run_benchmark(

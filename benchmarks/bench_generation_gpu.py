@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark (GPU): REC-style batched generation at 7B (random weights, bf16): samples/s at batch 1 and batch 32.
 
 The paper's shapes: CLIP ViT-L/14-336 + DINOv2-L towers and a LLaMA-2-7B LLM, built on the meta device and
@@ -12,32 +11,29 @@ Prints ONE JSON line ``{"benchmark": "generation_gpu", "value": <samples/s at ba
 "samples_per_s": {"1": ..., "32": ...}}``; without a CUDA device it prints ``{"benchmark": "generation_gpu",
 "skipped": "no CUDA device", ...}`` and exits 0.
 
-    python benchmarks/bench_generation_gpu.py
-    python benchmarks/bench_generation_gpu.py --attn flash_attention_2
-    python benchmarks/bench_generation_gpu.py --smoke-cpu     # the same code on tiny shapes on the CPU (a check)
+    python -m benchmarks.bench_generation_gpu
+    python -m benchmarks.bench_generation_gpu --attn flash_attention_2
+    python -m benchmarks.bench_generation_gpu --smoke-cpu     # the same code on tiny shapes on the CPU (a check)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import (  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import (
     LLAMA_7B,
     TimedProcessor,
     TokenCounter,
     build_on_meta,
     count_parameters,
+    fastest,
     finish,
     gpu_device,
     llama_tokenizer,
@@ -45,7 +41,6 @@ from common import (  # noqa: E402
     stdout_to_stderr,
     synchronize,
 )
-from PIL import Image  # noqa: E402
 
 if TYPE_CHECKING:
     from comm import CommForConditionalGeneration, CommProcessor
@@ -104,29 +99,23 @@ def time_generation(
     """Fastest of ``repeats`` runs answering every question at ``batch_size``: seconds, preprocessing, samples/s."""
     from comm.generation import generate_answers
 
-    best: dict[str, float] | None = None
-    for _ in range(repeats):
+    def one_run() -> tuple[list[str], float]:
         timed = TimedProcessor(processor)
-        synchronize(model.device)
-        start = time.perf_counter()
         answers = generate_answers(
             model, timed, images, questions, batch_size=batch_size,  # type: ignore[arg-type]
             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         )  # fmt: skip
-        synchronize(model.device)
-        seconds = time.perf_counter() - start
-        if len(answers) != len(questions):
-            raise RuntimeError(f"got {len(answers)} answers for {len(questions)} questions")
-        run = {
-            "seconds": seconds,
-            "preprocess_s": timed.seconds,
-            "samples_per_s": len(questions) / seconds,
-            "ms_per_decode_step": 1000 * (seconds - timed.seconds) / (-(-len(questions) // batch_size) * new_tokens),
-        }
-        if best is None or seconds < best["seconds"]:
-            best = run
-    assert best is not None
-    return best
+        return answers, timed.seconds
+
+    (answers, preprocess), seconds = fastest(one_run, repeats, model.device)
+    if len(answers) != len(questions):
+        raise RuntimeError(f"got {len(answers)} answers for {len(questions)} questions")
+    return {
+        "seconds": seconds,
+        "preprocess_s": preprocess,
+        "samples_per_s": len(questions) / seconds,
+        "ms_per_decode_step": 1000 * (seconds - preprocess) / (-(-len(questions) // batch_size) * new_tokens),
+    }
 
 
 def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str, Any]:

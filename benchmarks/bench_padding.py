@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: fraction of padding tokens per training batch, random batches vs the Trainer's ``group_by_length``.
 
 A synthetic LLaVA-1.5-like mixture (REC boxes, short VQA answers, short captions, long multi-turn conversations,
@@ -12,32 +11,27 @@ LLM's token compute spent on padding, right padding as `CommDataCollator` does).
 Prints ONE JSON line: ``{"benchmark": "padding", "value": <group_by_length padding fraction>, "unit": "fraction",
 "random": ..., "group_by_length": ..., "sorted_lower_bound": ...}``.
 
-    python benchmarks/bench_padding.py            # 8000 samples, 3 epochs
-    python benchmarks/bench_padding.py --quick    # 2000 samples, 2 epochs
+    python -m benchmarks.bench_padding            # 8000 samples, 3 epochs
+    python -m benchmarks.bench_padding --quick    # 2000 samples, 2 epochs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import finish, llama_tokenizer, stdout_to_stderr  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import BatchSampler  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler
 
-from comm import CommConfig, CommForConditionalGeneration, add_image_tokens, build_processor  # noqa: E402
-from comm.data import DataSpec, IssueLog, build_dataset  # noqa: E402
+from benchmarks.common import finish, llama_tokenizer, stdout_to_stderr
+from comm import CommConfig, CommForConditionalGeneration, add_image_tokens, build_processor
+from comm.data import DataSpec, IssueLog, build_dataset
 
 # Shares of the LLaVA-1.5 665k instruction mixture, grouped by answer shape: RefCOCO/VG (REC, box answers), VQAv2/GQA/
 # OKVQA/OCRVQA/A-OKVQA (short answers), TextCaps (short captions), LLaVA-Instruct-158k (long conversations),

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: POPE answers from one forward pass (yes/no logits) vs generation, on the tiny COMM model on CPU.
 
 Prints ONE JSON line: ``{"benchmark": "pope_scoring", "value": <speed ratio>, "unit": "x", "agreement": ...}``.
@@ -6,33 +5,28 @@ Prints ONE JSON line: ``{"benchmark": "pope_scoring", "value": <speed ratio>, "u
 tiny model that text is hardly ever a yes/no answer, so ``agreement_restricted`` also compares with generation
 restricted to the two answer tokens (one token), which must agree exactly (exit code 1 otherwise).
 
-    python benchmarks/bench_pope_scoring.py           # 64 questions, best of 3
-    python benchmarks/bench_pope_scoring.py --quick   # 16 questions, once
+    python -m benchmarks.bench_pope_scoring           # 64 questions, best of 3
+    python -m benchmarks.bench_pope_scoring --quick   # 16 questions, once
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import best_time, build_tiny_model  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from comm.conversation import with_image  # noqa: E402
-from comm.evaluation.pope import pope_answer_is_yes  # noqa: E402
-from comm.evaluation.run_pope import NO_ANSWER, POPE_MAX_NEW_TOKENS, YES_ANSWER, yes_no_logits, yes_no_token_ids  # noqa: E402
-from comm.generation import generate_answers  # noqa: E402
+from benchmarks.common import build_tiny_model, fastest
+from comm.conversation import with_image
+from comm.evaluation.pope import pope_answer_is_yes
+from comm.evaluation.run_pope import NO_ANSWER, POPE_MAX_NEW_TOKENS, YES_ANSWER, yes_no_logits, yes_no_token_ids
+from comm.generation import generate_answers
 
 BATCH_SIZE = 16
 OBJECTS = ("dog", "cat", "car", "person", "chair", "cup", "bicycle", "bottle")
@@ -99,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One untimed pass per mode: the first call with a new input shape is several times slower on CPU.
     logits_mode()
     generate_mode()
-    logits_yes, logits_s = best_time(logits_mode, repeats)
-    generated, generate_s = best_time(generate_mode, repeats)
+    logits_yes, logits_s = fastest(logits_mode, repeats)
+    generated, generate_s = fastest(generate_mode, repeats)
     restricted = generate_answers(
         model, processor, images, questions, batch_size=BATCH_SIZE, max_new_tokens=1,
         logits_processor=LogitsProcessorList([OnlyTokens(token_ids)]),

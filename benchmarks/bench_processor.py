@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: image preprocessing throughput (images/s) for training, in one process and through a DataLoader.
 
 Real-size image processors (`build_processor` for `CommConfig()`: CLIP at 336 px, DINOv2 at 224 px, pad-to-square
@@ -13,8 +12,8 @@ first) on 640x480 RGB images:
 Prints ONE JSON line: ``{"benchmark": "processor", "value": <DataLoader images/s, 2 workers>, "unit": "images/s"}``.
 Compare with the training step's samples/s (bench_train_gpu.py): workers keep up when images/s >= samples/s.
 
-    python benchmarks/bench_processor.py            # 128 images
-    python benchmarks/bench_processor.py --quick    # 64 images
+    python -m benchmarks.bench_processor            # 128 images
+    python -m benchmarks.bench_processor --quick    # 64 images
 """
 
 from __future__ import annotations
@@ -22,24 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
-from common import finish, llama_tokenizer, median, set_threads, stdout_to_stderr  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from comm import CommConfig, CommProcessor, add_image_tokens, build_processor  # noqa: E402
-from comm.data import CommDataCollator, DataSpec, IssueLog, SupervisedDataset, build_dataset  # noqa: E402
-from comm.processing import expand_to_square, load_image  # noqa: E402
+from benchmarks.common import fastest, finish, llama_tokenizer, median, set_threads, stdout_to_stderr
+from comm import CommConfig, CommProcessor, add_image_tokens, build_processor
+from comm.data import CommDataCollator, DataSpec, IssueLog, SupervisedDataset, build_dataset
+from comm.model.modeling import PIXEL_VALUES_CLIP
+from comm.processing import expand_to_square, load_image
 
 IMAGE_SIZE = (640, 480)
 _PROBE: tuple[CommProcessor, list[Image.Image]] | None = None  # what forked probe processes preprocess
@@ -70,12 +65,8 @@ def write_images(folder: Path, count: int, seed: int) -> list[Path]:
 
 def rate(fn: Callable[[], object], items: int, repeats: int) -> float:
     """Items per second of the fastest of ``repeats`` calls of ``fn`` (each handling ``items`` items)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return items / best
+    _, seconds = fastest(fn, repeats)
+    return items / seconds
 
 
 def stage_breakdown(processor: CommProcessor, paths: Sequence[Path]) -> dict[str, float]:
@@ -137,12 +128,12 @@ def loader_rate(
     )
     start = time.perf_counter()
     for batch in loader:
-        batch["pixel_values_clip"].sum()
+        batch[PIXEL_VALUES_CLIP].sum()
     first = time.perf_counter() - start
     start = time.perf_counter()
     images = 0
     for batch in loader:
-        images += batch["pixel_values_clip"].shape[0]
+        images += batch[PIXEL_VALUES_CLIP].shape[0]
     seconds = time.perf_counter() - start
     del loader  # stops the persistent workers
     return images / seconds, first

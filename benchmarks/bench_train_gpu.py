@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark (GPU): one training step of the real towers + a ~1B LLaMA-architecture LLM in bf16, random weights.
 
 CLIP ViT-L/14-336 (24 layers merged) and DINOv2-L (19..24) frozen towers, LLN-Layerscale mergers, aligners and
@@ -16,26 +15,21 @@ counted), divided by ``--peak-tflops`` (default 989: H100 SXM bf16 dense).
 Prints ONE JSON line ``{"benchmark": "train_gpu", "value": <samples/s>, "unit": "samples/s", "mfu": ...}``; without a
 CUDA device it prints ``{"benchmark": "train_gpu", "skipped": "no CUDA device", ...}`` and exits 0.
 
-    python benchmarks/bench_train_gpu.py --attn sdpa
-    python benchmarks/bench_train_gpu.py --attn flash_attention_2
-    python benchmarks/bench_train_gpu.py --smoke-cpu     # the same code on tiny shapes on the CPU (a check, no figure)
+    python -m benchmarks.bench_train_gpu --attn sdpa
+    python -m benchmarks.bench_train_gpu --attn flash_attention_2
+    python -m benchmarks.bench_train_gpu --smoke-cpu     # the same code on tiny shapes on the CPU (a check, no figure)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from common import (  # noqa: E402
+import torch
+
+from benchmarks.common import (
     build_on_meta,
     count_parameters,
     finish,
@@ -83,6 +77,8 @@ def make_batch(
     config: CommConfig, batch_size: int, seq_len: int, device: torch.device, pixel_dtype: torch.dtype, seed: int
 ) -> dict[str, torch.Tensor]:
     """Random inputs: BOS, prompt, the image tokens, an answer carrying the loss; ``seq_len`` LLM tokens per row."""
+    from comm.model.modeling import PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO
+
     generator = torch.Generator().manual_seed(seed)
     image_tokens = config.num_image_tokens
     text = seq_len - 1 - image_tokens
@@ -107,8 +103,8 @@ def make_batch(
     return {
         "input_ids": ids.to(device),
         "labels": labels.to(device),
-        "pixel_values_clip": pixels_clip.to(device, pixel_dtype),
-        "pixel_values_dino": pixels_dino.to(device, pixel_dtype),
+        PIXEL_VALUES_CLIP: pixels_clip.to(device, pixel_dtype),
+        PIXEL_VALUES_DINO: pixels_dino.to(device, pixel_dtype),
     }
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: peak memory and samples/s of a CPU training step with frozen towers vs a naive step that keeps them in
 autograd, for the ``tiny`` and a ``small`` config; plus the step with activation checkpointing on the LLM.
 
@@ -22,8 +21,8 @@ at the first step) and activations, allocator overhead included. Without clear_r
 Prints ONE JSON line: ``{"benchmark": "train_memory", "value": 1 - frozen_peak / naive_peak at the small config,
 "unit": "fraction"}`` (bar: >= 0.30), with every measurement.
 
-    python benchmarks/bench_train_memory.py            # 6 steps per measurement (1 warm-up)
-    python benchmarks/bench_train_memory.py --quick    # 3 steps per measurement (1 warm-up)
+    python -m benchmarks.bench_train_memory            # 6 steps per measurement (1 warm-up)
+    python -m benchmarks.bench_train_memory --quick    # 3 steps per measurement (1 warm-up)
 """
 
 from __future__ import annotations
@@ -41,11 +40,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from common import count_parameters, finish, median, print_result, set_threads, stdout_to_stderr  # noqa: E402
+import torch
+
+from benchmarks.common import (
+    ROOT,
+    count_parameters,
+    finish,
+    median,
+    module_command,
+    print_result,
+    set_threads,
+    stdout_to_stderr,
+)
 
 if TYPE_CHECKING:
     from comm import CommConfig, CommForConditionalGeneration
@@ -144,6 +150,8 @@ def trim_heap() -> None:
 
 def make_batch(config: CommConfig, batch_size: int, text_tokens: int, seed: int) -> dict[str, torch.Tensor]:
     """Random training inputs: BOS, a prompt, the image tokens, an answer that carries the loss."""
+    from comm.model.modeling import PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO
+
     generator = torch.Generator().manual_seed(seed)
     image_tokens = config.num_image_tokens
     prompt, answer = text_tokens // 2, text_tokens - text_tokens // 2
@@ -164,8 +172,8 @@ def make_batch(config: CommConfig, batch_size: int, text_tokens: int, seed: int)
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "labels": labels,
-        "pixel_values_clip": torch.randn(batch_size, 3, clip_side, clip_side, generator=generator),
-        "pixel_values_dino": torch.randn(batch_size, 3, dino_side, dino_side, generator=generator),
+        PIXEL_VALUES_CLIP: torch.randn(batch_size, 3, clip_side, clip_side, generator=generator),
+        PIXEL_VALUES_DINO: torch.randn(batch_size, 3, dino_side, dino_side, generator=generator),
     }
 
 
@@ -271,12 +279,12 @@ def measure(config_name: str, variant: str, args: argparse.Namespace, steps: int
     """Run one worker subprocess and return its measurement."""
     batch_size = args.batch_size if args.batch_size else (16 if config_name == "tiny" else 8)
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--worker",
+        *module_command(__file__), "--worker",
         "--config", config_name, "--variant", variant, "--steps", str(steps),
         "--batch-size", str(batch_size), "--text-tokens", str(args.text_tokens),
         "--threads", str(args.threads), "--seed", str(args.seed),
     ]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
     sys.stderr.write(completed.stderr)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode or not lines:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: cost of the LLN-Layerscale mergers + aligners + projection vs the two frozen ViT-L towers (CPU, fp32).
 
 Real shapes (`CommConfig()` defaults, random weights): CLIP ViT-L/14 at 336 px with its 24 layers merged, DINOv2-L
@@ -12,29 +11,23 @@ Prints ONE JSON line: ``{"benchmark": "vision_merger", "value": <merger time / t
 forward+backward cost (what a training step pays), and the cost of merging BEFORE pooling (576 + 256 tokens)
 relative to the design's pooling first (196 + 196 tokens).
 
-    python benchmarks/bench_vision_merger.py            # 5 tower runs, median (about 2 min on 1 thread)
-    python benchmarks/bench_vision_merger.py --quick    # 3 tower runs, same real shapes
+    python -m benchmarks.bench_vision_merger            # 5 tower runs, median (about 2 min on 1 thread)
+    python -m benchmarks.bench_vision_merger --quick    # 3 tower runs, same real shapes
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from common import finish, initialize_sub_models, median, set_threads  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from comm import CommConfig, CommForConditionalGeneration  # noqa: E402
-from comm.model.towers import pool_to_grid, transformer_blocks  # noqa: E402
+from benchmarks.common import finish, initialize_sub_models, median, set_threads
+from comm import CommConfig, CommForConditionalGeneration
+from comm.model.towers import pool_to_grid, transformer_blocks
 
 BAR_PERCENT = 5.0
 HEAD_MODULES = ("clip_merger", "clip_projection", "dino_merger", "dino_aligner", "projector")

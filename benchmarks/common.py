@@ -13,17 +13,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import torch  # noqa: E402
+import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from comm import CommConfig, CommForConditionalGeneration, CommProcessor
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "tokenizer-llama-family"
@@ -89,6 +88,11 @@ def machine_info() -> dict[str, Any]:
     except (ValueError, OSError, AttributeError):
         info["ram_gib"] = None
     return info
+
+
+def module_command(script: str | Path) -> list[str]:
+    """The command that runs benchmark ``script`` as a module of this package; run it with ``cwd=ROOT``."""
+    return [sys.executable, "-m", f"{__package__}.{Path(script).stem}"]
 
 
 def finish(result: dict[str, Any], quick: bool) -> int:
@@ -159,15 +163,21 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def best_time(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    """``fn()``'s result and its fastest wall time over ``repeats`` runs."""
-    best = float("inf")
-    result = None
+def fastest(fn: Callable[[], T], repeats: int, device: torch.device | str | None = None) -> tuple[T, float]:
+    """The result and the wall seconds of the fastest of ``repeats`` calls of ``fn`` (GPU work waited for)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    best: tuple[T, float] | None = None
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         result = fn()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        if best is None or seconds < best[1]:
+            best = (result, seconds)
+    assert best is not None
+    return best
 
 
 class TimedProcessor:

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
-"""Run every ``benchmarks/bench_*.py`` as a subprocess, collect their JSON lines into ``results.jsonl``, print a table.
+"""Run every ``benchmarks.bench_*`` module in a subprocess, gather the JSON lines in ``results.jsonl``, print a table.
 
 The first line of ``results.jsonl`` is a header with the machine (CPU model, cores, load, RAM, GPU, torch and
 transformers versions) and the command; then one line per benchmark: its own JSON line plus ``script``,
 ``seconds`` and ``returncode`` (a benchmark that printed no JSON line gets an ``error`` line instead).
 
-    python benchmarks/run_all.py --quick              # every benchmark with --quick (< 10 min on 2 CPU cores)
-    python benchmarks/run_all.py --only padding processor
+    python -m benchmarks.run_all --quick              # every benchmark with --quick (< 10 min on 2 CPU cores)
+    python -m benchmarks.run_all --only padding processor
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+from benchmarks.common import ROOT, machine_info, module_command
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.jsonl"
@@ -90,7 +88,7 @@ def last_json_line(stdout: str) -> dict[str, Any] | None:
 
 def run_script(script: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one benchmark script; its JSON line with ``script``, ``seconds`` and ``returncode`` added."""
-    command = [sys.executable, str(script)]
+    command = module_command(script)
     if args.quick:
         command.append("--quick")
     if args.threads and accepts(script, "--threads"):
@@ -98,7 +96,9 @@ def run_script(script: Path, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[run_all] {' '.join(command[1:])}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, check=False, cwd=ROOT
+        )
         stdout, stderr, returncode = completed.stdout, completed.stderr, completed.returncode
     except subprocess.TimeoutExpired as expired:
         stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""

@@ -96,9 +96,7 @@ def run_script(script: Path, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[run_all] {' '.join(command[1:])}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        completed = subprocess.run(
-            command, capture_output=True, text=True, timeout=args.timeout, check=False, cwd=ROOT
-        )
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False, cwd=ROOT)
         stdout, stderr, returncode = completed.stdout, completed.stderr, completed.returncode
     except subprocess.TimeoutExpired as expired:
         stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""

@@ -9,9 +9,7 @@ Box = tuple[float, float, float, float]
 
 # A number like 0.5, .25, 1, 0.123 (no sign: boxes in [0, 1]); separators may carry spaces.
 _NUMBER = r"\d*\.?\d+"
-_BOX_PATTERN = re.compile(
-    rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]"
-)
+_BOX_PATTERN = re.compile(rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]")
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> Box:

@@ -161,9 +161,7 @@ class CommProcessor:
 
     def preprocess_images(self, images: Sequence[ImageInput]) -> dict[str, torch.Tensor]:
         """Pixel values of both towers for a list of images (paths, arrays or PIL images)."""
-        squares = [
-            expand_to_square(load_image(image, f"image {i}"), self.pad_color) for i, image in enumerate(images)
-        ]
+        squares = [expand_to_square(load_image(image, f"image {i}"), self.pad_color) for i, image in enumerate(images)]
         clip = self.clip_image_processor(images=squares, return_tensors="pt")["pixel_values"]
         dino = self.dino_image_processor(images=squares, return_tensors="pt")["pixel_values"]
         return {PIXEL_VALUES_CLIP: clip, PIXEL_VALUES_DINO: dino}
@@ -175,18 +173,14 @@ class CommProcessor:
         prompt keeps its end ("... ASSISTANT:") and the image tokens: a prompt that the image tokens alone
         overflow raises ValueError.
         """
-        ids = self.tokenizer(
-            self.expand_image_placeholders(text), add_special_tokens=add_special_tokens
-        )["input_ids"]
+        ids = self.tokenizer(self.expand_image_placeholders(text), add_special_tokens=add_special_tokens)["input_ids"]
         limit = max_length or self.model_max_length
         if limit is None or len(ids) <= limit:
             return ids
         image_ids = set(self.tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)))
         num_image = sum(1 for i in ids if i in image_ids)
         if num_image + 1 > limit:
-            raise ValueError(
-                f"the prompt's {num_image} image tokens alone exceed the model's limit of {limit} tokens"
-            )
+            raise ValueError(f"the prompt's {num_image} image tokens alone exceed the model's limit of {limit} tokens")
         excess = len(ids) - limit
         message = f"text is {len(ids)} tokens, over the limit of {limit}: dropping its {excess} earliest text tokens"
         warnings.warn(message, stacklevel=2)

@@ -263,9 +263,7 @@ def test_tokenization_mismatch_is_detected(tmp_path):
     )
     log = IssueLog()
     assert len(build_dataset([DataSpec(tmp_path / "d.jsonl")], encoder.processor, log)) == 0
-    assert [(i.file, i.line, i.kind) for i in log.issues] == [
-        (str(tmp_path / "d.jsonl"), 1, IssueKind.LABEL_MISMATCH)
-    ]
+    assert [(i.file, i.line, i.kind) for i in log.issues] == [(str(tmp_path / "d.jsonl"), 1, IssueKind.LABEL_MISMATCH)]
 
 
 def test_mixture_ratios_are_respected_and_seeded():

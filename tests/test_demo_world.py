@@ -56,16 +56,18 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _matches(description: str, objects) -> list[int]:
     """Objects whose size/colour/shape agree with every word of ``description``."""
     words = description.split()
     assert words and all(w in SIZE_WORDS | SHAPE_WORDS | set(COLOURS) for w in words), description
-    return [i for i, obj in enumerate(objects)
-            if all(w in (obj.size, obj.colour, obj.shape) for w in words)]
+    return [i for i, obj in enumerate(objects) if all(w in (obj.size, obj.colour, obj.shape) for w in words)]
 
 
 def _is_related(obj: WorldObject, landmark: WorldObject, relation: str, strict: bool) -> bool:
@@ -80,7 +82,7 @@ def _is_related(obj: WorldObject, landmark: WorldObject, relation: str, strict: 
 def _resolve(expression: str, objects) -> list[int]:
     """Objects ``expression`` can mean, re-derived independently of the generator."""
     assert expression.startswith("the "), expression
-    body = expression[len("the "):]
+    body = expression[len("the ") :]
     for relation in RELATION_WORDS:
         marker = f" {relation} the "
         if marker in body:
@@ -103,8 +105,9 @@ def test_same_seed_same_bytes_and_other_seed_differs(tmp_path: Path) -> None:
     second = _file_digests(generate_world(tmp_path / "b", config).root)
     assert first == second
     assert sum(name.endswith(".png") for name in first) == 17
-    other = _file_digests(generate_world(tmp_path / "c", WorldConfig(seed=12, num_train_images=12,
-                                                                     num_test_images=5)).root)
+    other = _file_digests(
+        generate_world(tmp_path / "c", WorldConfig(seed=12, num_train_images=12, num_test_images=5)).root
+    )
     assert other.keys() == first.keys()
     assert other["train_captions.json"] != first["train_captions.json"]
     assert sum(other[name] != first[name] for name in first if name.endswith(".png")) >= 15
@@ -147,8 +150,7 @@ def test_summary_and_train_test_disjoint(world: WorldFiles, scenes) -> None:
     assert all(name.startswith("images/train_") for name in train_images)
     assert all(name.startswith("images/test_") for name in test_images)
     assert len(train_images) == SMALL.num_train_images and len(test_images) == SMALL.num_test_images
-    pixels = {name: hashlib.sha1(np.asarray(Image.open(world.root / name)).tobytes()).hexdigest()
-              for name in scenes}
+    pixels = {name: hashlib.sha1(np.asarray(Image.open(world.root / name)).tobytes()).hexdigest() for name in scenes}
     train_pixels = {pixels[name] for name in train_images}
     assert not train_pixels & {pixels[name] for name in test_images}
 
@@ -177,9 +179,10 @@ def test_scenes_match_drawn_pixels(world: WorldFiles, scenes) -> None:
             size_range = SMALL.small_fraction if obj.size == "small" else SMALL.large_fraction
             assert size_range[0] * SMALL.image_size - 1 <= obj.side <= size_range[1] * SMALL.image_size + 1
         for i, a in enumerate(scene.objects):
-            for b in scene.objects[i + 1:]:
-                assert (a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1]
-                        or b.box[3] <= a.box[1]), name
+            for b in scene.objects[i + 1 :]:
+                assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1], (
+                    name
+                )
     assert counts == {1, 2, 3}
 
 
@@ -197,8 +200,7 @@ def test_every_expression_resolves_to_its_object(world: WorldFiles, scenes, spli
         assert scene.objects[resolved[0]].xywh() == record["bbox"], record
         referred.add((record["image"], resolved[0]))
     # Every object of every scene of the split is referred to at least once.
-    expected = {(name, i) for name, scene in scenes.items() if scene.split == split
-                for i in range(len(scene.objects))}
+    expected = {(name, i) for name, scene in scenes.items() if scene.split == split for i in range(len(scene.objects))}
     assert referred == expected
     assert len({r["id"] for r in records}) == len(records)
 
@@ -240,8 +242,10 @@ def test_captions_list_objects_left_to_right(world: WorldFiles, scenes) -> None:
 def test_pope_is_balanced_and_true(world: WorldFiles, scenes) -> None:
     train = json.loads(world.train_pope.read_text())
     test = _read_jsonl(world.test_pope)
-    rows = [(r["image"], r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"])
-            for r in train]
+    rows = [
+        (r["image"], r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"])
+        for r in train
+    ]
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in train)
     assert {answer for _, _, answer in rows} == {"Yes", "No"}
     for r in test:
@@ -249,7 +253,7 @@ def test_pope_is_balanced_and_true(world: WorldFiles, scenes) -> None:
     assert [r["question_id"] for r in test] == list(range(len(test)))
     rows += [(r["image"], r["text"], r["label"].capitalize()) for r in test]
     hard = 0
-    for answers in ([a for _, _, a in rows[: len(train)]], [a for _, _, a in rows[len(train):]]):
+    for answers in ([a for _, _, a in rows[: len(train)]], [a for _, _, a in rows[len(train) :]]):
         assert abs(answers.count("Yes") / len(answers) - 0.5) <= 0.02
     for image, question, answer in rows:
         words = question.split()
@@ -272,8 +276,14 @@ def test_all_texts_covers_train_files(world: WorldFiles) -> None:
 
 def test_tokenizer_round_trips(world: WorldFiles, tokenizer) -> None:
     assert 100 < len(tokenizer) <= 600
-    texts = [*all_texts(world), VICUNA_EXAMPLE, REC_EXAMPLE, "zebra", "  two  spaces \n\n and\ttabs ",
-             "the 3 diamonds [0.000,1.000,0.5,0.25]"]
+    texts = [
+        *all_texts(world),
+        VICUNA_EXAMPLE,
+        REC_EXAMPLE,
+        "zebra",
+        "  two  spaces \n\n and\ttabs ",
+        "the 3 diamonds [0.000,1.000,0.5,0.25]",
+    ]
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.unk_token_id not in ids, text
@@ -283,7 +293,11 @@ def test_tokenizer_round_trips(world: WorldFiles, tokenizer) -> None:
 
 def test_tokenizer_special_tokens(tokenizer) -> None:
     assert (tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (
-        "<unk>", "<s>", "</s>", "<pad>")
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+    )
     assert tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<pad>"]) == [0, 1, 2, 3]
     assert tokenizer.padding_side == "right"
     ids = tokenizer(VICUNA_EXAMPLE)["input_ids"]
@@ -297,18 +311,45 @@ def test_tokenizer_special_tokens(tokenizer) -> None:
 
 def test_tokenizer_splits_digits_and_punctuation(tokenizer) -> None:
     tokens = tokenizer.tokenize("[0.123,0.456,0.789,0.900]")
-    assert tokens == ["[", "0", ".", "1", "2", "3", ",", "0", ".", "4", "5", "6", ",", "0", ".", "7", "8", "9",
-                      ",", "0", ".", "9", "0", "0", "]"]
+    assert tokens == [
+        "[",
+        "0",
+        ".",
+        "1",
+        "2",
+        "3",
+        ",",
+        "0",
+        ".",
+        "4",
+        "5",
+        "6",
+        ",",
+        "0",
+        ".",
+        "7",
+        "8",
+        "9",
+        ",",
+        "0",
+        ".",
+        "9",
+        "0",
+        "0",
+        "]",
+    ]
     assert tokenizer.tokenize("What? Yes: 12.") == ["What", "?", "▁Yes", ":", "▁", "1", "2", "."]
     assert tokenizer.tokenize("zebra") and "<unk>" not in tokenizer.tokenize("zebra")
 
 
 def test_tokenizer_offsets_align_with_conversation_spans(tokenizer) -> None:
-    rendered = VICUNA_V1.render([
-        ("<image>\nIs there a red circle in the image?", "Yes"),
-        (rec_prompt("the small red circle"), "[0.123,0.456,0.789,0.900]"),
-        ("Describe the image briefly.", "A large red circle and a small blue square."),
-    ])
+    rendered = VICUNA_V1.render(
+        [
+            ("<image>\nIs there a red circle in the image?", "Yes"),
+            (rec_prompt("the small red circle"), "[0.123,0.456,0.789,0.900]"),
+            ("Describe the image briefly.", "A large red circle and a small blue square."),
+        ]
+    )
     encoded = tokenizer(rendered.text, return_offsets_mapping=True)
     offsets = encoded["offset_mapping"]
     tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
@@ -317,7 +358,7 @@ def test_tokenizer_offsets_align_with_conversation_spans(tokenizer) -> None:
         inside = [i for i, (a, b) in enumerate(offsets) if b > a and start <= a and b <= end]
         for a, b in offsets:
             assert b <= start or a >= end or (start <= a and b <= end), ((a, b), (start, end))
-        assert "".join(rendered.text[offsets[i][0]:offsets[i][1]] for i in inside) == rendered.text[start:end]
+        assert "".join(rendered.text[offsets[i][0] : offsets[i][1]] for i in inside) == rendered.text[start:end]
         assert tokens[inside[-1]] == "</s>"
     assert tokens[tokens.index("▁ASSISTANT") + 2] == "▁Yes"
 

@@ -403,14 +403,10 @@ def test_karpathy_and_coco_caption_readers(tmp_path: Path) -> None:
     write_json(tmp_path / "dataset_coco.json", coco)
     samples = load_karpathy(tmp_path / "dataset_coco.json", "test", image_root=tmp_path / "coco")
     assert samples == [
-        CaptionSample(
-            "1", str(tmp_path / "coco" / "val2014" / "COCO_val2014_1.jpg"), ["A cat.", "A kitten sits."]
-        )
+        CaptionSample("1", str(tmp_path / "coco" / "val2014" / "COCO_val2014_1.jpg"), ["A cat.", "A kitten sits."])
     ]
     assert [s.id for s in load_karpathy(tmp_path / "dataset_coco.json", "restval")] == ["3"]
-    with pytest.raises(
-        ValueError, match=r"no images in split 'val' \(splits present: restval, test, train\)"
-    ):
+    with pytest.raises(ValueError, match=r"no images in split 'val' \(splits present: restval, test, train\)"):
         load_karpathy(tmp_path / "dataset_coco.json", "val")
     with pytest.raises(ValueError, match=r"unknown Karpathy split 'testing'"):
         load_karpathy(tmp_path / "dataset_coco.json", "testing")

@@ -52,8 +52,11 @@ def test_placeholder_expands_to_image_token_block(processor):
 
 
 def test_left_padding_for_generation(processor):
-    batch = processor(text=["<image> a", "<image> a much longer question here"], images=[Image.new("RGB", (8, 8))] * 2,
-                      padding_side="left")
+    batch = processor(
+        text=["<image> a", "<image> a much longer question here"],
+        images=[Image.new("RGB", (8, 8))] * 2,
+        padding_side="left",
+    )
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
     assert batch["input_ids"][0, 0] == processor.pad_token_id
     assert batch["pixel_values_clip"].shape[0] == 2

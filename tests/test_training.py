@@ -60,14 +60,16 @@ def world(tmp_path_factory) -> dict:
         image = Image.new("RGB", (64, 48), (200, 200, 200))
         ImageDraw.Draw(image).rectangle([8 + 8 * i, 8, 24 + 8 * i, 30], fill=colour)
         image.save(root / f"img{i}.png")
-        conversations.append({
-            "id": f"c{i}",
-            "image": f"img{i}.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nWhat colour is the box?"},
-                {"from": "gpt", "value": f"The box is {name}."},
-            ],
-        })
+        conversations.append(
+            {
+                "id": f"c{i}",
+                "image": f"img{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the box?"},
+                    {"from": "gpt", "value": f"The box is {name}."},
+                ],
+            }
+        )
         rec.append({"image": f"img{i}.png", "expression": f"the {name} box", "bbox": [8 + 8 * i, 8, 17, 23]})
     (root / "conv.json").write_text(json.dumps(conversations, indent=1))
     (root / "rec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rec))
@@ -321,8 +323,9 @@ def test_deepspeed_zero3(world, initial_weights, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def peft_merged(export_dir: Path, initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], r: int,
-                alpha: int) -> dict[str, torch.Tensor]:
+def peft_merged(
+    export_dir: Path, initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], r: int, alpha: int
+) -> dict[str, torch.Tensor]:
     """What peft's own ``merge_and_unload`` makes of the initial model plus a checkpoint's trained weights."""
     from peft import LoraConfig, get_peft_model
 
@@ -337,8 +340,9 @@ def peft_merged(export_dir: Path, initial: dict[str, torch.Tensor], trained: dic
     return reference.state_dict()
 
 
-def assert_lora_export(export_dir: Path, checkpoint: Path, initial: dict[str, torch.Tensor], components: dict,
-                       r: int = 4, alpha: int = 8) -> None:
+def assert_lora_export(
+    export_dir: Path, checkpoint: Path, initial: dict[str, torch.Tensor], components: dict, r: int = 4, alpha: int = 8
+) -> None:
     """The export is a plain loadable model whose LLM is peft's merge of the checkpoint's adapters."""
     exported = weights(export_dir)  # on-disk names (transformers writes DINOv2's legacy names)
     assert not any("lora" in key or "base_layer" in key for key in exported)

@@ -100,8 +100,9 @@ def conversation_turns(conversations: Any) -> list[tuple[str, str]]:
         expected = USER_ROLES if position % 2 == 0 else ASSISTANT_ROLES
         if message["from"] not in expected:
             raise Rejected(
-                bad, f"message {position} is from {message['from']!r}, expected {expected[0]!r} (roles must alternate "
-                "human, gpt, human, gpt...)"
+                bad,
+                f"message {position} is from {message['from']!r}, expected {expected[0]!r} (roles must alternate "
+                "human, gpt, human, gpt...)",
             )
         value = message["value"]
         if not isinstance(value, str) or not value.strip():
@@ -181,9 +182,7 @@ def rec_turns(record: dict, size: tuple[int, int] | None) -> list[tuple[str, str
     return [(rec_prompt(expression.strip()), format_box(normalize_box(pixels, *size)))]
 
 
-def record_to_sample(
-    record: RawRecord, file: str, image_folder: Path, images: ImageChecker
-) -> Sample:
+def record_to_sample(record: RawRecord, file: str, image_folder: Path, images: ImageChecker) -> Sample:
     """Validate one parsed record and turn it into a `Sample`, or raise `Rejected`."""
     value = record.value
     if not isinstance(value, dict):
@@ -240,7 +239,11 @@ def load_samples(
             sample_id = record.value.get("id") if isinstance(record.value, dict) else None
             issues.report(
                 DataIssue(
-                    rejected.kind, file, record.line, rejected.message, record.index,
+                    rejected.kind,
+                    file,
+                    record.line,
+                    rejected.message,
+                    record.index,
                     None if sample_id is None else str(sample_id),
                 )
             )

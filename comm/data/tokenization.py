@@ -129,9 +129,7 @@ class SampleEncoder:
             [r.text for r in rendered], return_offsets_mapping=True, add_special_tokens=True, verbose=False
         )
         results: list[EncodedSample | Rejected] = []
-        for sample, render, ids, offsets in zip(
-            samples, rendered, encoding["input_ids"], encoding["offset_mapping"]
-        ):
+        for sample, render, ids, offsets in zip(samples, rendered, encoding["input_ids"], encoding["offset_mapping"]):
             try:
                 results.append(self._encode_one(sample, render, ids, offsets))
             except Rejected as rejected:

@@ -103,16 +103,10 @@ def _is_karpathy(data: Any) -> bool:
 
 
 def _is_coco(data: Any) -> bool:
-    return (
-        isinstance(data, dict)
-        and isinstance(data.get("images"), list)
-        and isinstance(data.get("annotations"), list)
-    )
+    return isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list)
 
 
-def _coco_samples(
-    data: dict[str, Any], path: Path, image_root: str | os.PathLike[str] | None
-) -> list[CaptionSample]:
+def _coco_samples(data: dict[str, Any], path: Path, image_root: str | os.PathLike[str] | None) -> list[CaptionSample]:
     file_names: dict[str, str] = {}
     order: list[str] = []
     for index, image in enumerate(data["images"]):
@@ -185,7 +179,7 @@ def python_tokenize(caption: str) -> str:
     abbreviations) may split differently, so official numbers use the PTB tokenizer.
     """
     tokens = _PYTHON_TOKEN.findall(_one_line(caption).lower())
-    return " ".join(token for token in tokens if token not in PTB_PUNCTUATION and token not in "()[]{}\"")
+    return " ".join(token for token in tokens if token not in PTB_PUNCTUATION and token not in '()[]{}"')
 
 
 def score_captions(

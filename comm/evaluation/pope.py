@@ -91,8 +91,7 @@ def score_pope(answers: Mapping[Any, str], questions: list[dict[str, Any]]) -> d
     for question in questions:
         if question["label"] not in POPE_LABELS:
             raise ValueError(
-                f"question {question['question_id']!r}: label must be 'yes' or 'no', "
-                f"got {question['label']!r}"
+                f"question {question['question_id']!r}: label must be 'yes' or 'no', got {question['label']!r}"
             )
         predicted_yes = pope_answer_is_yes(by_key[_id_key(question["question_id"])])
         label_yes = question["label"] == "yes"

@@ -92,9 +92,7 @@ def load_refer(
         raise ValueError(f"unknown split_by {split_by!r} for {dataset}; valid: {', '.join(split_bys)}")
     valid_splits = split_bys[split_by]
     if split not in valid_splits:
-        raise ValueError(
-            f"unknown split {split!r} for {dataset} ({split_by}); valid splits: {', '.join(valid_splits)}"
-        )
+        raise ValueError(f"unknown split {split!r} for {dataset} ({split_by}); valid splits: {', '.join(valid_splits)}")
 
     folder = Path(data_root) / dataset
     refs_path = folder / f"refs({split_by}).p"
@@ -170,9 +168,7 @@ def _is_box(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(v) for v in value)
 
 
-def load_rec_jsonl(
-    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
-) -> list[RecSample]:
+def load_rec_jsonl(path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None) -> list[RecSample]:
     """Read REC samples from JSON lines ``{"image", "expression", "bbox": [x, y, w, h], "id"?}``."""
     path = Path(path)
     samples: list[RecSample] = []
@@ -197,9 +193,7 @@ def load_rec_jsonl(
         seen.add(sample_id)
         image_path = Path(image_root) / image if image_root is not None else Path(image)
         samples.append(
-            RecSample(
-                id=sample_id, image=str(image_path), expression=expression, bbox_xyxy=xywh_to_xyxy(bbox)
-            )
+            RecSample(id=sample_id, image=str(image_path), expression=expression, bbox_xyxy=xywh_to_xyxy(bbox))
         )
     return samples
 

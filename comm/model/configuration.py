@@ -48,9 +48,7 @@ class CommConfig(PreTrainedConfig):
 
     model_type = "comm"
     sub_configs_defaults = {
-        "clip_config": SubConfigSpec(
-            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L14_336
-        ),
+        "clip_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L14_336),
         "dino_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2", init_kwargs=DINOV2_LARGE),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }

@@ -11,17 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from comm.errors import ArgumentParser, UserError, run_command
+
 MODEL_ENV = "COMM_MODEL"
-EXIT_USAGE = 2
 EXIT_NO_BOX = 1
 
 
-class CliError(Exception):
-    """A user error the CLI reports as ``error: <message>`` with exit status 2."""
-
-
 def _model_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = ArgumentParser(add_help=False)
     parent.add_argument(
         "--model",
         default=None,
@@ -39,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     >>> build_parser().parse_args(["caption", "a.jpg", "--json"]).json
     True
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="comm",
         description="COMM multimodal LLM: caption images, ground referring expressions, answer questions.",
         epilog=f"The model folder comes from --model or the {MODEL_ENV} environment variable.",
@@ -80,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_path(args: argparse.Namespace) -> str:
     model = args.model or os.environ.get(MODEL_ENV)
     if not model:
-        raise CliError(f"no model given: pass --model PATH or set {MODEL_ENV}")
+        raise UserError(f"no model given: pass --model PATH or set {MODEL_ENV}")
     return model
 
 
@@ -88,7 +85,7 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_new_tokens is None:
         return {}
     if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return {"max_new_tokens": args.max_new_tokens}
 
 
@@ -106,7 +103,7 @@ def _load(args: argparse.Namespace, images: Sequence[str]):
 
 def _caption(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = _generation_options(args)
     pipe, loaded = _load(args, args.images)
     captions = pipe.caption(loaded, prompt=args.prompt, batch_size=args.batch_size, **options)
@@ -124,7 +121,7 @@ def _caption(args: argparse.Namespace) -> int:
 def _ground(args: argparse.Namespace) -> int:
     options = _generation_options(args)
     if args.draw is not None and not Path(args.draw).suffix:
-        raise CliError(f"--draw {args.draw}: give a file name with an image extension (.png, .jpg)")
+        raise UserError(f"--draw {args.draw}: give a file name with an image extension (.png, .jpg)")
     pipe, loaded = _load(args, [args.image])
     (result,) = pipe.ground_detailed(loaded[0], [args.expression], **options)
     box = None if result.box is None else [round(v, 2) for v in result.box]
@@ -171,7 +168,7 @@ def _demo(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as error:
         if error.name not in ("comm.demo", "comm.demo.run"):
             raise
-        raise CliError("the demo is not available in this installation (no module comm.demo.run)") from None
+        raise UserError("the demo is not available in this installation (no module comm.demo.run)") from None
     return int(run.main(list(args.demo_args)) or 0)
 
 
@@ -185,19 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "demo":
-        # Everything after "demo" belongs to the demo, options included (argparse.REMAINDER drops a leading "--x");
-        # the demo reports its own errors.
-        try:
-            return _demo(argparse.Namespace(command="demo", demo_args=argv[1:]))
-        except CliError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_USAGE
+        # Everything after "demo" belongs to the demo, options included (argparse.REMAINDER drops a leading "--x").
+        return run_command(lambda: _demo(argparse.Namespace(command="demo", demo_args=argv[1:])))
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except (CliError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(lambda: args.handler(args))
 
 
 if __name__ == "__main__":

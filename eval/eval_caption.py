@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from comm.errors import ArgumentParser
 from comm.evaluation.caption import CAPTION_TOKENIZERS, KARPATHY_SPLITS, CaptionSample, load_caption_file
 from comm.evaluation.run_caption import CAPTION_MAX_NEW_TOKENS, evaluate_captions, rescore_caption_file
 from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluation, script_main
@@ -26,7 +27,7 @@ from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluatio
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of the caption evaluation."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--annotations",
         type=Path,

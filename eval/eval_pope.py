@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from comm.errors import ArgumentParser
 from comm.evaluation.pope import load_pope_answers, load_pope_questions, score_pope, summarize_pope_splits
 from comm.evaluation.run_pope import ANSWER_MODES, POPE_MAX_NEW_TOKENS, evaluate_pope_splits
 from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluation, script_main
@@ -22,7 +23,7 @@ from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluatio
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of the POPE evaluation."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--questions",
         type=Path,

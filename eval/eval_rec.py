@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from comm.errors import ArgumentParser
 from comm.evaluation.rec import REFER_SPLITS, RecSample, load_rec_jsonl, load_refer, rescore_predictions_file
 from comm.evaluation.run_rec import REC_MAX_NEW_TOKENS, evaluate_rec
 from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluation, script_main
@@ -22,7 +23,7 @@ from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluatio
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of the REC evaluation."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--score", type=Path, metavar="PREDICTIONS.jsonl", help="re-score a predictions file, no model")
     refer = parser.add_argument_group("REFER data (refcoco, refcoco+, refcocog)")
     refer.add_argument("--refer-root", type=Path, help="folder holding refcoco/, refcoco+/, refcocog/")

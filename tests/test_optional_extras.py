@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from comm.errors import UserError
 from comm.evaluation.caption import python_tokenize, score_captions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_python_tokenization_needs_no_java_and_skips_meteor(monkeypatch):
     scores = score_captions({1: "A large red circle.", 2: "A small blue square."}, references, tokenizer="python")
     assert scores["METEOR"] is None and "Java" in scores["skipped"]["METEOR"]
     assert scores["tokenizer"] == "python" and 0 < scores["CIDEr"] and 0 < scores["ROUGE-L"] <= 1
-    with pytest.raises(RuntimeError, match="--tokenizer python"):
+    with pytest.raises(UserError, match="--tokenizer python"):
         score_captions({1: "a"}, {1: ["a"]}, tokenizer="ptb")
 
 

@@ -22,7 +22,7 @@ from comm import CommConfig, CommForConditionalGeneration, CommProcessor, build_
 from comm.build import save_random_components
 from comm.data import DataError
 from comm.demo.tokenizer import train_demo_tokenizer
-from comm.training.train import main
+from comm.training.train import train
 from comm.training.trainer import TRAINABLE_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -383,15 +383,15 @@ class StopAtStep(TrainerCallback):
 def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     # 8 samples, batch 2: 4 steps per epoch, so the resumed part (steps 4-5) crosses an epoch boundary
     args = [*world["from_components"], *world["common"], "--per_device_train_batch_size", "2", "--max_steps", "5"]
-    full = main([*args, "--output_dir", str(tmp_path / "full"), "--save_strategy", "no"])
+    full = train([*args, "--output_dir", str(tmp_path / "full"), "--save_strategy", "no"])
     interrupted_dir = tmp_path / "interrupted"
-    first = main(
+    first = train(
         [*args, "--output_dir", str(interrupted_dir), "--save_strategy", "steps", "--save_steps", "3"],
         callbacks=[StopAtStep(3)],
     )
     assert losses(first.log_history) == {step: losses(full.log_history)[step] for step in (1, 2, 3)}
     assert (interrupted_dir / "checkpoint-3" / TRAINABLE_WEIGHTS).is_file()
-    resumed = main(
+    resumed = train(
         [*args, "--output_dir", str(interrupted_dir), "--save_strategy", "no", "--resume_from_checkpoint", "auto"]
     )
     expected, got = losses(full.log_history), losses(resumed.log_history)
@@ -408,7 +408,7 @@ def test_projector_only_checkpoints_hold_only_the_vision_side(world, initial_wei
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "nowhere.png", "expression": "x", "bbox": [0, 0, 1, 1]}) + "\n")
     out = tmp_path / "projector"
-    result = main(
+    result = train(
         [*world["from_components"], *world["common"], "--data", str(bad), "--tune", "projector",
          "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out)]
     )  # fmt: skip
@@ -434,7 +434,7 @@ def test_projector_only_checkpoints_hold_only_the_vision_side(world, initial_wei
 
 def test_lora_export_is_merged_and_loads(world, initial_weights, tmp_path, capsys):
     out = tmp_path / "lora"
-    result = main(
+    result = train(
         [*world["from_components"], *world["common"], "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
          "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out),
          "--disable_tqdm", "False", "--group_by_length", "True"]
@@ -449,7 +449,7 @@ def test_strict_mode_stops_the_run_before_training(world, tmp_path):
     bad.write_text(json.dumps({"image": "img0.png", "expression": "x", "bbox": [0, 0, 1, 1]}) + "\n{oops\n")
     out = tmp_path / "strict"
     with pytest.raises(DataError, match=rf"{re.escape(str(bad))}:2 \(sample 1\): bad_json"):
-        main(
+        train(
             [*world["from_components"], *world["common"], "--data", str(bad), "--image_folder", str(world["root"]),
              "--strict", "--max_steps", "1", "--output_dir", str(out)]
         )  # fmt: skip
@@ -458,11 +458,11 @@ def test_strict_mode_stops_the_run_before_training(world, tmp_path):
 
 def test_argument_errors_name_the_arguments(world, tmp_path):
     with pytest.raises(ValueError, match="missing --dino"):
-        main(["--clip", "a", "--llm", "b", *world["common"], "--output_dir", str(tmp_path)])
+        train(["--clip", "a", "--llm", "b", *world["common"], "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--grid_size only apply"):
-        main(["--model_name_or_path", "x", "--grid_size", "4", *world["common"], "--output_dir", str(tmp_path)])
+        train(["--model_name_or_path", "x", "--grid_size", "4", *world["common"], "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--tune projector freezes it"):
-        main([*world["from_components"], *world["common"], "--tune", "projector", "--lora_r", "4",
+        train([*world["from_components"], *world["common"], "--tune", "projector", "--lora_r", "4",
               "--output_dir", str(tmp_path)])  # fmt: skip
 
 

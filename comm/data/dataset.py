@@ -20,6 +20,7 @@ from comm.data.issues import IssueKind, IssueLog, Rejected
 from comm.data.mixture import DataSpec, mixture_indices
 from comm.data.samples import ImageChecker, Sample, load_samples
 from comm.data.tokenization import EncodedSample, SampleEncoder
+from comm.errors import UserError
 from comm.processing import CommProcessor
 
 
@@ -75,9 +76,9 @@ class SupervisedDataset(Dataset):
                 pixels = self.processor.preprocess_images([sample.image])
             except (OSError, ValueError) as error:
                 issue = sample.issue(IssueKind.UNREADABLE_IMAGE, f"decoding {sample.image} failed: {error}")
-                raise RuntimeError(
-                    f"{issue}\n(the image header was fine at load time; pass --verify_images to decode every image "
-                    "before training and skip the broken ones)"
+                raise UserError(
+                    f"{issue} (its header was fine when the data was checked: pass --verify_images to decode every "
+                    "image before training and skip the broken ones)"
                 ) from error
             item.update(pixels)
         return item

@@ -60,10 +60,10 @@ class Rejected(Exception):
 
 
 class DataError(ValueError):
-    """Raised at the first bad input in ``--strict`` mode; the message names the file and line."""
+    """Raised at the first bad input in ``--strict`` mode; the one-line message names the file, line and kind."""
 
     def __init__(self, issue: DataIssue):
-        super().__init__(f"{issue}\n(bad training input; drop --strict to skip such samples and count them instead)")
+        super().__init__(f"{issue} (bad training input: drop --strict to skip such samples and count them instead)")
         self.issue = issue
 
 

@@ -144,7 +144,7 @@ def prepare_initial_model(config: DemoConfig, world: WorldFiles) -> Path:
 
 def train_stage(config: DemoConfig, stage: int, model_dir: Path, data: list[str], steps: int):
     """Run one training stage through the real entry point (`comm.training.train.main`)."""
-    from comm.training.train import main as train_main
+    from comm.training.train import train as train_main
 
     output_dir = config.out / f"stage{stage}"
     argv = [

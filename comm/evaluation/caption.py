@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from comm.errors import UserError
 from comm.evaluation.pope import check_ids
 from comm.extras import require_extra
 
@@ -206,7 +207,7 @@ def score_captions(
     check_ids(predictions.keys(), references.keys(), what="predictions")
     java = tokenizer == "ptb" or spice
     if java and shutil.which("java") is None:
-        raise RuntimeError(
+        raise UserError(
             "the PTB tokenizer, METEOR and SPICE need Java on PATH (a JRE 8 or newer); without Java, score with "
             "the Python tokenization (--tokenizer python), which skips METEOR and SPICE"
         )
@@ -278,7 +279,7 @@ def _spice(gts_tokens: dict[str, list[str]], res_tokens: dict[str, list[str]]) -
 
     jar = Path(get_stanford_models.SPICEDIR) / get_stanford_models.SPICELIB / f"{get_stanford_models.JAR}.jar"
     if not jar.is_file():
-        raise RuntimeError(
+        raise UserError(
             f"SPICE needs {jar}; fetch it once with `python -m pycocoevalcap.spice.get_stanford_models` "
             "(it downloads Stanford CoreNLP) or score without SPICE"
         )

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from comm.errors import run_command
 from comm.evaluation.files import METRICS_FILE, check_files_exist
 from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, process_state
 from comm.evaluation.tables import format_metrics
@@ -20,8 +19,6 @@ from comm.evaluation.tables import format_metrics
 T = TypeVar("T")
 
 DEFAULT_SEED = 0
-ERROR_EXIT_CODE = 2
-INTERRUPTED_EXIT_CODE = 130
 
 
 def add_run_arguments(
@@ -115,17 +112,13 @@ def print_json(obj: Any) -> None:
 
 
 def cli_main(run: Callable[[], int]) -> int:
-    """Run a script's body: data and file errors print ``error: ...`` and give exit code 2, no traceback."""
-    try:
-        return run()
-    except (OSError, ValueError, pickle.UnpicklingError) as error:
-        rank = process_state().process_index
-        prefix = "error" if rank == 0 else f"error (rank {rank})"
-        print(f"{prefix}: {error}", file=sys.stderr)
-        return ERROR_EXIT_CODE
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the predictions written", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    """`comm.errors.run_command` for a script's body; other ranks name themselves in their error line."""
+    rank = process_state().process_index
+    return run_command(
+        run,
+        prefix="error" if rank == 0 else f"error (rank {rank})",
+        interrupted="interrupted: run the same command again to resume from the predictions written",
+    )
 
 
 def run_evaluation(

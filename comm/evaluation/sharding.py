@@ -18,6 +18,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
+from comm.errors import UserError
 from comm.evaluation.files import append_jsonl, write_jsonl
 from comm.evaluation.resume import load_done_records, part_files, part_path
 
@@ -28,7 +29,7 @@ DEFAULT_BATCH_SIZE = 8
 
 # Errors the main process hands to the others keep their type when it is one of these (others become RuntimeError).
 _SHARED_ERRORS: dict[str, type[Exception]] = {
-    error.__name__: error for error in (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError)
+    error.__name__: error for error in (ValueError, FileNotFoundError, OSError, RuntimeError, ImportError, UserError)
 }
 
 

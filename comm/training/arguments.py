@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from comm.errors import OneLineUsageErrors
 from comm.extras import require_extra
 
 # CommConfig fields that can be set when a model is assembled from component checkpoints.
@@ -176,11 +177,15 @@ class CommTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+class _ArgumentParser(OneLineUsageErrors, HfArgumentParser):
+    """transformers' dataclass argument parser with one-line usage errors (its usage runs to 120 lines)."""
+
+
 def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, CommTrainingArguments]:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into the three argument dataclasses and validate them."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, CommTrainingArguments))
+    parser = _ArgumentParser((ModelArguments, DataArguments, CommTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     model_args.validate()
     data_args.validate()

@@ -20,6 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from comm.build import build_from_components
 from comm.data import CommDataCollator, IssueLog, build_dataset, parse_data_specs
+from comm.errors import run_command
 from comm.loading import load_model_and_processor
 from comm.model.modeling import CommForConditionalGeneration
 from comm.processing import CommProcessor
@@ -147,7 +148,7 @@ def write_outputs(output_dir: Path, log_history: list[dict], issues: IssueLog, s
     issues.write(output_dir / DATA_SUMMARY)
 
 
-def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+def train(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """Train COMM as the command line says, export ``{output_dir}/final`` and return what was produced."""
     model_args, data_args, training_args = parse_arguments(argv)
     check_deepspeed_config(training_args)
@@ -197,5 +198,15 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
     return TrainResult(output_dir, export_dir, log_history, issues.summary())
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The ``comm-train`` command: `train`, then exit status 0; a user error is one ``error:`` line and status 2."""
+
+    def run() -> int:
+        train(argv)
+        return 0
+
+    return run_command(run)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from PIL import Image
@@ -177,6 +179,16 @@ def test_generate_with_cache_matches_without(tiny_model_dir):
     cached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=True)
     uncached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_generate_passes_the_cache_under_the_llms_name(tiny_model_dir):
+    """No 'both past_key_values and cache' deprecation warning at every decode step."""
+    model = CommForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    inputs = _inputs(CommProcessor.from_pretrained(tiny_model_dir))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_new_token_embeddings_start_at_mean(tiny_model_dir, tiny_components):

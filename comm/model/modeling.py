@@ -25,6 +25,8 @@ from comm.model.towers import FrozenVisionTower
 PIXEL_VALUES_CLIP = "pixel_values_clip"
 PIXEL_VALUES_DINO = "pixel_values_dino"
 PIXEL_INPUTS = (PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO)
+# Recent transformers name the KV cache ``cache`` (forward argument and output field), earlier 5.x ``past_key_values``.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class CommPreTrainedModel(PreTrainedModel):
@@ -176,11 +178,12 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
             elif has_placeholders:
                 raise ValueError("the text has image placeholder tokens but no pixel values were given")
+        cache = kwargs.pop("cache", None)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: cache if cache is not None else past_key_values},
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,

@@ -266,6 +266,31 @@ def test_resume_merges_part_files_left_by_ranks(tmp_path):
         run_sharded(items, lambda item: item, predict, out, key="id", progress=False)
 
 
+def test_resume_drops_a_last_line_cut_inside_a_utf8_character(tmp_path, capsys):
+    items = ["café", "crème", "brûlée", "thé"]
+    out = tmp_path / "predictions.jsonl"
+    done = "".join(json.dumps({"id": i, "answer": i.upper()}, ensure_ascii=False) + "\n" for i in items[:2])
+    torn = json.dumps({"id": items[2], "answer": items[2].upper()}, ensure_ascii=False).encode()
+    cut = torn.index("Û".encode()) + 1  # between the two bytes of "Û"
+    out.write_bytes(done.encode() + torn[:cut])
+    calls: list[list[str]] = []
+
+    def predict(batch: list[str]) -> list[dict]:
+        calls.append(batch)
+        return [{"id": item, "answer": item.upper()} for item in batch]
+
+    records = run_sharded(items, lambda item: item, predict, out, key="id", batch_size=4, progress=False)
+    assert calls == [items[2:]]  # the two whole lines were kept, the cut one predicted again
+    assert records == [{"id": i, "answer": i.upper()} for i in items] and read_jsonl(out) == records
+    err = capsys.readouterr().err
+    assert f"{out}: dropped its last line" in err and "kept 2 record(s)" in err
+
+    # a bad byte on a line that ended is not an interruption: an error naming the file and the line
+    out.write_bytes(done.encode() + b'{"id": "th\xc3"}\n')
+    with pytest.raises(ValueError, match=rf"{out}, line 3: not UTF-8"):
+        run_sharded(items, lambda item: item, predict, out, key="id", progress=False)
+
+
 @pytest.mark.slow
 def test_rec_torchrun_two_processes_match_single_process(rec_run, data, tiny_model_dir, tmp_path):
     out = tmp_path / "two_ranks"

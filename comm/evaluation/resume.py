@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,36 +30,39 @@ def part_files(path: str | os.PathLike[str]) -> list[Path]:
 
 
 def read_predictions_for_resume(path: str | os.PathLike[str], key: str) -> list[dict[str, Any]]:
-    """Read a predictions file an interrupted run left, repairing it in place when its last line was cut off.
+    """Read a predictions file an interrupted run left, dropping a last line the run did not finish writing.
 
-    A last line without its newline that is not a JSON object (a write cut short) is dropped from the file;
-    any other bad line, or a record without ``key``, raises ValueError naming the file and the line.
+    Every line is written whole with its newline, so a last line without one was cut short, whatever bytes it
+    holds (half a record, half a UTF-8 character): it is dropped from the file and its item is predicted again,
+    and a message on stderr names the file and the records kept. Any other line that is not UTF-8, not a JSON
+    object or has no ``key`` raises ValueError naming the file and the line.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete = text.endswith("\n") or not text
+    body, newline, torn = path.read_bytes().rpartition(b"\n")
     records: list[dict[str, Any]] = []
-    repaired = False
-    for index, line in enumerate(lines):
-        if not line.strip():
+    for line_number, raw in enumerate(body.split(b"\n") if newline else [], start=1):
+        if not raw.strip():
             continue
-        line_number = index + 1
-        last = index == len(lines) - 1
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{path}, line {line_number}: not UTF-8 text ({error.reason} at byte {error.start})"
+            ) from None
         except json.JSONDecodeError as error:
-            if last and not complete:
-                repaired = True  # the run stopped while writing this line: regenerate it
-                continue
             raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from error
         if not isinstance(record, dict):
             raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
         if key not in record:
             raise ValueError(f"{path}, line {line_number}: the record has no {key!r}")
         records.append(record)
-    if repaired or not complete:
+    if torn:
         write_jsonl(path, records)
+        print(
+            f"{path}: dropped its last line ({len(torn)} bytes without a newline: a write the interrupted run did not "
+            f"finish); kept {len(records)} record(s)",
+            file=sys.stderr,
+        )
     return records
 
 

@@ -14,9 +14,10 @@ from comm.boxes import Box
 from comm.conversation import CAPTION_PROMPT, IMAGE_PLACEHOLDER, VICUNA_V1, ConversationTemplate, rec_prompt, with_image
 from comm.generation import generate_answers
 from comm.grounding import Grounding
+from comm.images import ImageInput, load_image
 from comm.loading import load_model_and_processor
 from comm.model.modeling import CommForConditionalGeneration
-from comm.processing import CommProcessor, ImageInput, load_image
+from comm.processing import CommProcessor
 
 CAPTION_MAX_NEW_TOKENS = 64
 GROUND_MAX_NEW_TOKENS = 64  # "[0.123,0.456,0.789,0.999]" is ~27 LLaMA tokens (digits are single tokens)

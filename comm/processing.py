@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import (
     AutoTokenizer,
     BatchFeature,
@@ -21,9 +21,8 @@ from transformers import (
 
 from comm.boxes import square_padding
 from comm.conversation import IMAGE_PLACEHOLDER
+from comm.images import ImageInput, load_image
 from comm.model.modeling import PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO
-
-ImageInput = Image.Image | str | Path | np.ndarray
 
 IMAGE_PATCH_TOKEN = "<im_patch>"
 IMAGE_START_TOKEN = "<im_start>"
@@ -37,49 +36,6 @@ DINO_SUBFOLDER = "image_processor_dino"
 # OpenAI CLIP and ImageNet (DINOv2) normalisation constants.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def load_image(image: ImageInput, name: str = "image") -> Image.Image:
-    """Open a PIL image, path or HxW(x3/4) uint8 array as RGB; raise ValueError naming a bad input."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: no such image file: {path}")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                pil = opened.copy()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"{name}: {path} is not a readable image ({error})") from None
-    elif isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise ValueError(f"{name}: expected an HxW or HxWxC array with C in 1/3/4, got shape {image.shape}")
-        array = image if image.dtype == np.uint8 else np.clip(image, 0, 255).astype(np.uint8)
-        pil = Image.fromarray(array.squeeze(2) if array.ndim == 3 and array.shape[2] == 1 else array)
-    elif isinstance(image, Image.Image):
-        pil = image
-    else:
-        raise TypeError(f"{name}: expected a PIL image, a path or a numpy array, got {type(image).__name__}")
-    if min(pil.size) < 2:
-        raise ValueError(f"{name}: image of size {pil.size[0]}x{pil.size[1]} is too small (at least 2x2 pixels)")
-    return to_rgb(pil)
-
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any PIL mode (RGBA, LA, L, P, CMYK, I;16...) to RGB; transparency is composited on ``background``."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if image.mode.startswith("I;16") or image.mode == "I":
-        array = np.asarray(image, dtype=np.float32)
-        scale = 255.0 / max(float(array.max()), 1.0)
-        return Image.fromarray((array * scale).astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
 
 
 def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:

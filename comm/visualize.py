@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from comm.processing import ImageInput, load_image
+from comm.images import ImageInput, load_image
 
 Color = str | tuple[int, int, int]
 BoxSpec = tuple[Sequence[float] | None, Color, str | None]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +64,18 @@ def tiny_model_dir(tmp_path_factory, tiny_components, _llama_tokenizer_cached) -
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def write_huge_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    """A PNG of a few dozen bytes whose header claims ``width x height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(png)
+    return path
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from conftest import write_huge_png
 from PIL import Image
 
 from comm.cli import main
@@ -104,6 +105,8 @@ def test_ask_and_stream_print_the_same_answer(pipe, tiny_model_dir, image_files,
     [
         (["caption", "{missing}"], "error: image 0: no such image file"),
         (["caption", "{image}", "{text_png}"], "error: image 1: .*notes.png is not a readable image"),
+        (["caption", "{image}", "{bomb}"], "error: image 1: .*bomb.png: image too large"),
+        (["ground", "{bomb}", "x"], "error: image 0: .*bomb.png: image too large"),
         (["ground", "{image}", "x", "--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1"),
         (["caption", "{image}", "--batch-size", "0"], "error: --batch-size must be >= 1"),
         (["ask", "{image}", "x", "--dtype", "float8"], "error: unknown dtype 'float8'"),
@@ -112,7 +115,9 @@ def test_ask_and_stream_print_the_same_answer(pipe, tiny_model_dir, image_files,
 def test_bad_input_prints_error_and_exits_2(tiny_model_dir, image_files, tmp_path, capsys, argv, message):
     text_png = tmp_path / "notes.png"
     text_png.write_text("not an image")
+    bomb = write_huge_png(tmp_path / "bomb.png")
     values = {"missing": str(tmp_path / "missing.png"), "image": image_files[0], "text_png": str(text_png)}
+    values["bomb"] = str(bomb)
     argv = [arg.format(**values) for arg in argv] + ["--model", str(tiny_model_dir)]
     with (
         mock.patch.object(CommForConditionalGeneration, "from_pretrained") as load_model,

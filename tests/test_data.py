@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import single_torch_thread
+from conftest import single_torch_thread, write_huge_png
 from PIL import Image
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -229,6 +230,33 @@ def test_strict_mode_raises_at_the_first_bad_sample(llama_tokenizer, tmp_path):
     file, line, kind = expected["missing"]
     assert f"{file}:{line}" in str(error.value) and kind.value in str(error.value)
     assert error.value.issue.kind is IssueKind.MISSING_IMAGE
+
+
+@pytest.mark.parametrize("verify_images", [False, True])
+def test_decompression_bombs_are_skipped_and_counted_as_image_too_large(llama_tokenizer, tmp_path, verify_images):
+    Image.new("RGB", (32, 24), (9, 9, 9)).save(tmp_path / "ok.png")
+    write_huge_png(tmp_path / "bomb.png")  # over twice PIL's limit: PIL itself refuses it
+    write_huge_png(tmp_path / "big.png", 10_000, 10_000)  # over the limit, under twice it: PIL only warns
+    lines = [
+        json.dumps({"image": name, "expression": "the thing", "bbox": [0, 0, 10, 10]})
+        for name in ("ok.png", "bomb.png", "big.png", "ok.png")
+    ]
+    (tmp_path / "rec.jsonl").write_text("\n".join(lines) + "\n")
+    log = IssueLog()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        dataset = build_dataset(
+            [DataSpec(tmp_path / "rec.jsonl")], processor_for(llama_tokenizer), log, verify_images=verify_images
+        )
+    assert len(dataset) == 2 and all("pixel_values_clip" in dataset[i] for i in range(2))
+    found = [(issue.file, issue.line, issue.kind) for issue in log.issues]
+    file = str(tmp_path / "rec.jsonl")
+    assert found == [(file, 2, IssueKind.IMAGE_TOO_LARGE), (file, 3, IssueKind.IMAGE_TOO_LARGE)]
+    assert "bomb.png" in log.issues[0].message and "10000x10000 is too large" in log.issues[1].message
+    assert log.summary()["skipped_by_kind"] == {"image_too_large": 2}
+
+    with pytest.raises(DataError, match=rf"{file}:2 \(sample 1\): image_too_large: .*bomb.png"):
+        build_dataset([DataSpec(tmp_path / "rec.jsonl")], processor_for(llama_tokenizer), IssueLog(strict=True))
 
 
 def straddling_tokenizer(text: str) -> PreTrainedTokenizerFast:

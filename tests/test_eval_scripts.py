@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import single_torch_thread
+from conftest import single_torch_thread, write_huge_png
 from PIL import Image
 
 from comm import CommForConditionalGeneration, CommProcessor
@@ -264,6 +264,68 @@ def test_resume_merges_part_files_left_by_ranks(tmp_path):
     out.write_text(json.dumps({"id": "other", "value": "X"}) + "\n")
     with pytest.raises(ValueError, match="not in the data being evaluated"):
         run_sharded(items, lambda item: item, predict, out, key="id", progress=False)
+
+
+def test_unusable_images_are_unanswerable_and_the_run_goes_on(data, tiny_model_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "c.png"):
+        shutil.copy(data / "images" / name, images / name)
+    write_huge_png(images / "bomb.png")  # PIL refuses it itself
+    write_huge_png(images / "big.png", 10_000, 10_000)  # PIL only warns
+    write_huge_png(images / "cut.png", 20, 20)  # a fine header, no pixel data
+    names = ["a.png", "bomb.png", "c.png", "big.png", "cut.png"]
+    unusable = {"bomb.png": "image_too_large", "big.png": "image_too_large", "cut.png": "unreadable_image"}
+    rec = [
+        {"id": f"r{i}", "image": name, "expression": "the thing", "bbox": [1, 1, 10, 10]}
+        for i, name in enumerate(names)
+    ]
+    (tmp_path / "rec.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rec))
+    out = tmp_path / "rec"
+    args = ["--model", str(tiny_model_dir), "--jsonl", str(tmp_path / "rec.jsonl"), "--image-root", str(images),
+            "--output-dir", str(out), "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress",
+            "--visualize", "5"]  # fmt: skip
+    assert eval_rec.main(args) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(name in err for name in unusable)
+    records = read_jsonl(out / "predictions.jsonl")
+    assert [r["id"] for r in records] == [r["id"] for r in rec]
+    for record, name in zip(records, names):
+        if name in unusable:
+            assert record["unanswerable"].startswith(unusable[name]) and record["pred_box"] is None
+        else:
+            assert "unanswerable" not in record
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 5 and metrics["unanswerable"] == 3 and metrics["accuracy"] <= 2 / 5
+    assert (out / "visualization.png").is_file()
+    assert eval_rec.main(["--score", str(out / "predictions.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+
+    questions = [
+        {"question_id": i, "image": name, "text": "Is there a dog?", "label": "yes"} for i, name in enumerate(names)
+    ]
+    (tmp_path / "pope.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    pope = ["--model", str(tiny_model_dir), "--questions", str(tmp_path / "pope.jsonl"), "--image-dir", str(images),
+            "--output-dir", str(tmp_path / "pope"), "--max-new-tokens", MAX_NEW_TOKENS, "--no-progress"]  # fmt: skip
+    assert eval_pope.main(pope) == 0
+    metrics = json.loads((tmp_path / "pope" / "metrics.json").read_text())
+    assert metrics["n"] == 5 and metrics["unanswerable"] == 3 and metrics["fn"] >= 3  # "yes" questions left unanswered
+    score = ["--score", str(tmp_path / "pope" / "answers_pope.jsonl"), "--questions", str(tmp_path / "pope.jsonl")]
+    capsys.readouterr()
+    assert eval_pope.main(score) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+
+    karpathy = {"images": [{"filename": name, "split": "test", "cocoid": i, "sentences": [{"raw": "Noise."}]}
+                           for i, name in enumerate(names)]}  # fmt: skip
+    (tmp_path / "karpathy.json").write_text(json.dumps(karpathy))
+    caption = ["--model", str(tiny_model_dir), "--annotations", str(tmp_path / "karpathy.json"), "--image-root",
+               str(images), "--output-dir", str(tmp_path / "caption"), "--max-new-tokens", MAX_NEW_TOKENS,
+               "--no-progress", "--tokenizer", "python"]  # fmt: skip
+    assert eval_caption.main(caption) == 0
+    metrics = json.loads((tmp_path / "caption" / "metrics.json").read_text())
+    assert metrics["unanswerable"] == 3
+    captions = {r["image"].split("/")[-1]: r for r in read_jsonl(tmp_path / "caption" / "predictions.jsonl")}
+    assert all(captions[name]["caption"] == "" and captions[name]["unanswerable"] for name in unusable)
 
 
 def test_resume_drops_a_last_line_cut_inside_a_utf8_character(tmp_path, capsys):

@@ -12,6 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import write_huge_png
 from PIL import Image
 from transformers import TextIteratorStreamer
 
@@ -262,7 +263,8 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("bad")
     text_png = folder / "notes.png"
     text_png.write_text("this is text, not an image")
-    return {"text_png": str(text_png), "missing": str(folder / "missing.png")}
+    bomb = write_huge_png(folder / "bomb.png")
+    return {"text_png": str(text_png), "missing": str(folder / "missing.png"), "bomb": str(bomb)}
 
 
 @pytest.mark.parametrize("method", ["caption", "ground", "ask"])
@@ -271,6 +273,7 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
     [
         ("missing", FileNotFoundError, r"image 2: no such image file: .*missing\.png"),
         ("text_png", ValueError, r"image 2: .*notes\.png is not a readable image"),
+        ("bomb", ValueError, r"image 2: .*bomb\.png: image too large, refused unread as a possible decompression bomb"),
         ("tiny", ValueError, r"image 2: image of size 1x1 is too small"),
         ("empty_array", ValueError, r"image 2: image of size 0x0 is too small"),
         ("empty_list", ValueError, r"no images given"),
@@ -280,6 +283,7 @@ def test_bad_images_raise_before_generation(pipe, images, bad_files, no_generati
     bad = {
         "missing": bad_files["missing"],
         "text_png": bad_files["text_png"],
+        "bomb": bad_files["bomb"],
         "tiny": Image.new("RGB", (1, 1)),
         "empty_array": np.zeros((0, 0, 3), dtype=np.uint8),
     }

@@ -14,7 +14,8 @@ class IssueKind(str, Enum):
 
     BAD_JSON = "bad_json"  # a line / list element that is not JSON, or a sample that is not an object
     MISSING_IMAGE = "missing_image"
-    UNREADABLE_IMAGE = "unreadable_image"
+    UNREADABLE_IMAGE = "unreadable_image"  # not an image PIL reads, cut short, or under 2x2 pixels
+    IMAGE_TOO_LARGE = "image_too_large"  # a header over PIL.Image.MAX_IMAGE_PIXELS (a decompression bomb)
     BAD_CONVERSATION = "bad_conversation"  # empty, wrong role order, empty value, missing keys, bad placeholders
     BAD_BOX = "bad_box"  # outside the image, inverted, or not matching the <box> placeholders
     LABEL_MISMATCH = "label_mismatch"  # targets do not line up with the tokenizer (LLaVA's tokenization mismatch)

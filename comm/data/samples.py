@@ -8,18 +8,16 @@ reported to the `IssueLog` with its file and line.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from PIL import Image, UnidentifiedImageError
 
 from comm.boxes import format_box, normalize_box, validate_pixel_box, xywh_to_xyxy
 from comm.conversation import IMAGE_PLACEHOLDER, rec_prompt, with_image
 from comm.data.issues import DataIssue, IssueKind, IssueLog, Rejected
 from comm.data.mixture import DataSpec
 from comm.data.records import RawRecord, read_records
+from comm.images import UnusableImageError, read_image_sizes
 from comm.processing import IMAGE_TOKENS
 
 BOX_PLACEHOLDER = "<box>"
@@ -28,42 +26,32 @@ ASSISTANT_ROLES = ("gpt", "assistant")
 
 
 class ImageChecker:
-    """Checks image files once each (existence, header; full decode with ``verify``) and remembers their size."""
+    """Checks image files once each with `comm.images.read_image_sizes` (header; full decode with ``verify``).
+
+    Remembers each file's size, or why it is not usable as a `Rejected` (missing, unreadable, too large).
+    """
 
     def __init__(self, verify: bool = False, workers: int = 8):
         self.verify = verify
         self.workers = workers
         self._results: dict[Path, tuple[int, int] | Rejected] = {}
 
-    def _check(self, path: Path) -> tuple[int, int] | Rejected:
-        if not path.is_file():
-            return Rejected(IssueKind.MISSING_IMAGE, f"image file not found: {path}")
-        try:
-            with Image.open(path) as image:
-                size = image.size
-                if self.verify:
-                    image.load()
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            return Rejected(IssueKind.UNREADABLE_IMAGE, f"image {path} cannot be read: {error}")
-        if min(size) < 2:
-            return Rejected(IssueKind.UNREADABLE_IMAGE, f"image {path} is {size[0]}x{size[1]} pixels (at least 2x2)")
-        return size
+    @staticmethod
+    def _rejected(error: FileNotFoundError | UnusableImageError) -> Rejected:
+        if isinstance(error, FileNotFoundError):
+            return Rejected(IssueKind.MISSING_IMAGE, str(error))
+        return Rejected(IssueKind(error.kind), str(error))
 
     def prefetch(self, paths: Sequence[Path]) -> None:
-        """Check many images in a thread pool (header reads are I/O bound)."""
-        todo = sorted({p for p in paths if p not in self._results})
-        if len(todo) < 64 or self.workers <= 1:
-            for path in todo:
-                self._results[path] = self._check(path)
-            return
-        with ThreadPoolExecutor(self.workers) as pool:
-            for path, result in zip(todo, pool.map(self._check, todo)):
-                self._results[path] = result
+        """Check many images at once (in a thread pool: header reads wait on the disk)."""
+        todo = [path for path in paths if path not in self._results]
+        for path, result in read_image_sizes(todo, decode=self.verify, workers=self.workers).items():
+            self._results[path] = result if isinstance(result, tuple) else self._rejected(result)
 
     def size(self, path: Path) -> tuple[int, int]:
         """``(width, height)`` of the image, or raise `Rejected`."""
         if path not in self._results:
-            self._results[path] = self._check(path)
+            self.prefetch([path])
         result = self._results[path]
         if isinstance(result, Rejected):
             raise result

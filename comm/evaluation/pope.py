@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from comm.evaluation.files import read_unique_records
+from comm.evaluation.unanswerable import UNANSWERABLE
 
 POPE_LABELS = ("yes", "no")
 QUESTION_KEYS = ("question_id", "image", "text", "label")
@@ -37,16 +38,20 @@ def load_pope_questions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return questions
 
 
-def load_pope_answers(path: str | os.PathLike[str]) -> dict[Any, str]:
-    """Read LLaVA-style answers (``{"question_id", "text", ...}`` a line) into ``{question_id: text}``."""
+def pope_answers(records: Iterable[Mapping[str, Any]]) -> dict[Any, str | None]:
+    """``{question_id: text}`` of answers-file records; None for a record marked unanswerable (unusable image)."""
+    return {record["question_id"]: None if record.get(UNANSWERABLE) else record["text"] for record in records}
+
+
+def load_pope_answers(path: str | os.PathLike[str]) -> dict[Any, str | None]:
+    """Read LLaVA-style answers (``{"question_id", "text", ...}`` a line) into `pope_answers`."""
 
     def check(record: dict[str, Any]) -> str | None:
         if not isinstance(record["text"], str):
             return f"'text' must be a string, got {type(record['text']).__name__}"
         return None
 
-    records = read_unique_records(path, ("question_id", "text"), "question_id", check)
-    return {record["question_id"]: record["text"] for record in records}
+    return pope_answers(read_unique_records(path, ("question_id", "text"), "question_id", check))
 
 
 def pope_answer_is_yes(text: str) -> bool:
@@ -81,20 +86,26 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / denominator if denominator else 0.0
 
 
-def score_pope(answers: Mapping[Any, str], questions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1 (positive = "yes") and yes-ratio of ``answers`` on ``questions``."""
+def score_pope(answers: Mapping[Any, str | None], questions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1 (positive = "yes") and yes-ratio of ``answers`` on ``questions``.
+
+    A None answer (unanswerable: the image was not usable) counts as wrong, a false negative for a "yes" question
+    and a false positive for a "no" one, and the number of them is given as ``unanswerable``.
+    """
     if not questions:
         raise ValueError("no POPE questions to score")
     check_ids(answers.keys(), (question["question_id"] for question in questions))
     by_key = {_id_key(question_id): text for question_id, text in answers.items()}
-    tp = fp = tn = fn = 0
+    tp = fp = tn = fn = unanswerable = 0
     for question in questions:
         if question["label"] not in POPE_LABELS:
             raise ValueError(
                 f"question {question['question_id']!r}: label must be 'yes' or 'no', got {question['label']!r}"
             )
-        predicted_yes = pope_answer_is_yes(by_key[_id_key(question["question_id"])])
+        text = by_key[_id_key(question["question_id"])]
         label_yes = question["label"] == "yes"
+        unanswerable += text is None
+        predicted_yes = not label_yes if text is None else pope_answer_is_yes(text)
         if predicted_yes and label_yes:
             tp += 1
         elif predicted_yes:
@@ -106,7 +117,7 @@ def score_pope(answers: Mapping[Any, str], questions: list[dict[str, Any]]) -> d
     n = tp + fp + tn + fn
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
-    return {
+    metrics = {
         "accuracy": _ratio(tp + tn, n),
         "precision": precision,
         "recall": recall,
@@ -118,6 +129,9 @@ def score_pope(answers: Mapping[Any, str], questions: list[dict[str, Any]]) -> d
         "tn": tn,
         "fn": fn,
     }
+    if unanswerable:
+        metrics[UNANSWERABLE] = unanswerable
+    return metrics
 
 
 def summarize_pope_splits(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from comm.boxes import box_iou, xywh_to_xyxy
 from comm.evaluation.files import iter_jsonl_strict
+from comm.evaluation.unanswerable import UNANSWERABLE, count_unanswerable
 
 # Valid splits for each (dataset, split_by) of the REFER release; the first split_by is the default.
 REFER_SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -199,12 +200,17 @@ def load_rec_jsonl(path: str | os.PathLike[str], image_root: str | os.PathLike[s
 
 
 def score_rec(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Acc@0.5 over ``{"pred_box": [x0, y0, x1, y1] | None, "gt_box": [x0, y0, x1, y1]}`` pixel records."""
+    """Acc@0.5 over ``{"pred_box": [x0, y0, x1, y1] | None, "gt_box": [x0, y0, x1, y1]}`` pixel records.
+
+    A record without a box is wrong; it is counted in ``no_box``, or in ``unanswerable`` when it is marked so (its
+    image was not usable).
+    """
     n = len(records)
     if n == 0:
         raise ValueError("no REC records to score")
     correct = 0
     no_box = 0
+    unanswerable = count_unanswerable(records)
     for index, record in enumerate(records):
         for key in ("pred_box", "gt_box"):
             if key not in record:
@@ -213,13 +219,16 @@ def score_rec(records: list[dict[str, Any]]) -> dict[str, Any]:
         if not _is_box(gt_box):
             raise ValueError(f"record #{index}: 'gt_box' must be 4 numbers, got {gt_box!r}")
         if pred_box is None:
-            no_box += 1
+            no_box += not record.get(UNANSWERABLE)
             continue
         if not _is_box(pred_box):
             raise ValueError(f"record #{index}: 'pred_box' must be 4 numbers or null, got {pred_box!r}")
         if box_iou(pred_box, gt_box) >= IOU_THRESHOLD:
             correct += 1
-    return {"accuracy": correct / n, "n": n, "no_box": no_box}
+    metrics = {"accuracy": correct / n, "n": n, "no_box": no_box}
+    if unanswerable:
+        metrics[UNANSWERABLE] = unanswerable
+    return metrics
 
 
 def rescore_predictions_file(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from comm.conversation import CAPTION_PROMPT
 from comm.evaluation.caption import CaptionSample, score_captions
 from comm.evaluation.files import METRICS_FILE, check_files_exist, read_unique_records, write_json
 from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, predict_and_score
+from comm.evaluation.unanswerable import UNANSWERABLE, answer_with_images, count_unanswerable
 from comm.generation import generate_answers
-from comm.processing import load_image
 
 CAPTION_MAX_NEW_TOKENS = 64
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -21,14 +21,26 @@ PREDICTIONS_FILE = "predictions.jsonl"
 def predict_caption_batch(
     model: Any, processor: Any, samples: Sequence[CaptionSample], **generate_kwargs: Any
 ) -> list[dict[str, Any]]:
-    """Caption one batch of images (one generate call); records ``{"id", "image", "caption"}`` in order."""
-    images = [load_image(sample.image, f"image of caption sample {sample.id}") for sample in samples]
-    questions = [CAPTION_PROMPT] * len(samples)
-    captions = generate_answers(model, processor, images, questions, batch_size=len(samples), **generate_kwargs)
-    return [
-        {"id": sample.id, "image": sample.image, "caption": caption}
-        for sample, caption in zip(samples, captions, strict=True)
-    ]
+    """Caption one batch of images (one generate call); records ``{"id", "image", "caption"}`` in order.
+
+    An image that is not usable gets the empty caption (it scores as a wrong one) and is marked `UNANSWERABLE`.
+    """
+
+    def answer(batch: list[CaptionSample], images: list[Any]) -> list[dict[str, Any]]:
+        questions = [CAPTION_PROMPT] * len(batch)
+        captions = generate_answers(model, processor, images, questions, batch_size=len(batch), **generate_kwargs)
+        return [
+            {"id": sample.id, "image": sample.image, "caption": caption}
+            for sample, caption in zip(batch, captions, strict=True)
+        ]
+
+    return answer_with_images(
+        samples,
+        lambda sample: sample.image,
+        lambda sample: f"image of caption sample {sample.id}",
+        answer,
+        lambda sample: {"id": sample.id, "image": sample.image, "caption": ""},
+    )
 
 
 def score_caption_records(
@@ -37,10 +49,18 @@ def score_caption_records(
     spice: bool = False,
     tokenizer: str = "ptb",
 ) -> dict[str, Any]:
-    """`score_captions` of ``{"id", "caption"}`` records against the samples' references."""
+    """`score_captions` of ``{"id", "caption"}`` records against the samples' references.
+
+    Unanswerable records (their image was not usable) score with their empty caption and are counted under
+    ``unanswerable``.
+    """
     predictions = {str(record["id"]): record["caption"] for record in records}
     references = {sample.id: sample.references for sample in samples}
-    return score_captions(predictions, references, spice=spice, tokenizer=tokenizer)
+    scores = score_captions(predictions, references, spice=spice, tokenizer=tokenizer)
+    unanswerable = count_unanswerable(records)
+    if unanswerable:
+        scores[UNANSWERABLE] = unanswerable
+    return scores
 
 
 def rescore_caption_file(

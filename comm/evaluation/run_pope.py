@@ -11,10 +11,10 @@ import torch
 
 from comm.conversation import VICUNA_V1, ConversationTemplate, with_image
 from comm.evaluation.files import METRICS_FILE, check_files_exist, write_json
-from comm.evaluation.pope import score_pope, summarize_pope_splits
+from comm.evaluation.pope import pope_answers, score_pope, summarize_pope_splits
 from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, on_main, predict_and_score
+from comm.evaluation.unanswerable import answer_with_images
 from comm.generation import generate_answers
-from comm.processing import load_image
 
 POPE_MAX_NEW_TOKENS = 32  # the official rule reads the first sentence only
 ANSWER_MODES = ("generate", "logits")
@@ -93,23 +93,34 @@ def predict_pope_batch(
     token_ids: tuple[int, int] | None = None,
     **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Answer one batch of POPE questions and return their answers-file records in order."""
-    root = Path(image_dir) if image_dir is not None else Path()
-    images = [load_image(root / q["image"], f"image of POPE question {q['question_id']}") for q in questions]
-    prompts = [with_image(q["text"]) for q in questions]
-    if answer_mode == "generate":
-        texts = generate_answers(model, processor, images, prompts, batch_size=len(prompts), **generate_kwargs)
-        return [pope_record(q, text, model_id, {"answer_mode": "generate"}) for q, text in zip(questions, texts)]
-    if answer_mode != "logits":
+    """Answer one batch of POPE questions and return their answers-file records in order.
+
+    A question whose image is not usable gets the empty answer, marked `UNANSWERABLE` (scored as wrong).
+    """
+    if answer_mode not in ANSWER_MODES:
         raise ValueError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, got {answer_mode!r}")
-    if token_ids is None:
-        token_ids = yes_no_token_ids(processor.tokenizer)
-    records = []
-    for question, (yes, no) in zip(questions, yes_no_logits(model, processor, images, prompts, token_ids)):
-        text = YES_ANSWER if yes > no else NO_ANSWER
-        metadata = {"answer_mode": "logits", "yes_logit": yes, "no_logit": no}
-        records.append(pope_record(question, text, model_id, metadata))
-    return records
+    root = Path(image_dir) if image_dir is not None else Path()
+
+    def answer(batch: list[Mapping[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
+        prompts = [with_image(q["text"]) for q in batch]
+        if answer_mode == "generate":
+            texts = generate_answers(model, processor, images, prompts, batch_size=len(prompts), **generate_kwargs)
+            return [pope_record(q, text, model_id, {"answer_mode": "generate"}) for q, text in zip(batch, texts)]
+        ids = token_ids if token_ids is not None else yes_no_token_ids(processor.tokenizer)
+        records = []
+        for question, (yes, no) in zip(batch, yes_no_logits(model, processor, images, prompts, ids)):
+            text = YES_ANSWER if yes > no else NO_ANSWER
+            metadata = {"answer_mode": "logits", "yes_logit": yes, "no_logit": no}
+            records.append(pope_record(question, text, model_id, metadata))
+        return records
+
+    return answer_with_images(
+        questions,
+        lambda q: root / q["image"],
+        lambda q: f"image of POPE question {q['question_id']}",
+        answer,
+        lambda q: pope_record(q, "", model_id, {"answer_mode": answer_mode}),
+    )
 
 
 def evaluate_pope(
@@ -140,7 +151,7 @@ def evaluate_pope(
         )
 
     def score(records: list[dict[str, Any]]) -> dict[str, Any]:
-        return score_pope({record["question_id"]: record["text"] for record in records}, list(questions))
+        return score_pope(pope_answers(records), list(questions))
 
     return predict_and_score(
         questions,

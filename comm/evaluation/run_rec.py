@@ -12,9 +12,9 @@ from comm.conversation import rec_prompt
 from comm.evaluation.files import METRICS_FILE, check_files_exist, write_json
 from comm.evaluation.rec import RecSample, score_rec
 from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, predict_and_score
+from comm.evaluation.unanswerable import UNANSWERABLE, answer_with_images
 from comm.generation import generate_answers
 from comm.grounding import Grounding
-from comm.processing import load_image
 
 REC_MAX_NEW_TOKENS = 64  # "[0.123,0.456,0.789,0.999]" is ~27 LLaMA tokens (digits are single tokens)
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -39,24 +39,39 @@ def rec_record(sample: RecSample, answer: str, width: int, height: int) -> dict[
 def predict_rec_batch(
     model: Any, processor: Any, samples: Sequence[RecSample], **generate_kwargs: Any
 ) -> list[dict[str, Any]]:
-    """Ground one batch of samples (one generate call) and return their prediction records in order."""
-    images = [load_image(sample.image, f"image of REC sample {sample.id}") for sample in samples]
-    questions = [rec_prompt(sample.expression) for sample in samples]
-    answers = generate_answers(model, processor, images, questions, batch_size=len(samples), **generate_kwargs)
-    return [
-        rec_record(sample, answer, *image.size) for sample, image, answer in zip(samples, images, answers, strict=True)
-    ]
+    """Ground one batch of samples (one generate call) and return their prediction records in order.
+
+    A sample whose image is not usable is recorded unanswered (no answer, no box: wrong) and marked `UNANSWERABLE`.
+    """
+
+    def answer(batch: list[RecSample], images: list[Any]) -> list[dict[str, Any]]:
+        questions = [rec_prompt(sample.expression) for sample in batch]
+        answers = generate_answers(model, processor, images, questions, batch_size=len(batch), **generate_kwargs)
+        return [
+            rec_record(sample, text, *image.size) for sample, image, text in zip(batch, images, answers, strict=True)
+        ]
+
+    return answer_with_images(
+        samples,
+        lambda sample: sample.image,
+        lambda sample: f"image of REC sample {sample.id}",
+        answer,
+        lambda sample: rec_record(sample, "", 1, 1),  # no answer: no box, IoU 0
+    )
 
 
 def save_rec_visualization(
     records: Sequence[dict[str, Any]], samples: Sequence[RecSample], count: int, path: str | os.PathLike[str]
-) -> Path:
-    """Draw the first ``count`` predictions (gt green, prediction red, expression and IoU below) into one PNG."""
+) -> Path | None:
+    """Draw the first ``count`` predictions (gt green, prediction red, expression and IoU below) into one PNG.
+
+    Unanswerable records (their image is not usable) are passed over; with none left nothing is written (None).
+    """
     from comm.visualize import save_rec_grid
 
     images = {sample.id: sample.image for sample in samples}
     cells = []
-    for record in records[:count]:
+    for record in [record for record in records if not record.get(UNANSWERABLE)][:count]:
         caption = f"{record['expression']} (IoU {record['iou']:.2f})"
         if record["pred_box"] is None:
             caption += " [no box]"
@@ -68,6 +83,8 @@ def save_rec_visualization(
                 "caption": caption,
             }
         )
+    if not cells:
+        return None
     path = Path(path)
     save_rec_grid(cells, path, columns=min(4, len(cells)))
     return path

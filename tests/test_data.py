@@ -259,6 +259,33 @@ def test_decompression_bombs_are_skipped_and_counted_as_image_too_large(llama_to
         build_dataset([DataSpec(tmp_path / "rec.jsonl")], processor_for(llama_tokenizer), IssueLog(strict=True))
 
 
+@pytest.mark.parametrize("kind", ["llama", "demo"])
+def test_special_token_text_in_data_is_skipped_and_counted(kind, llama_tokenizer, tmp_path):
+    tokenizer = llama_tokenizer if kind == "llama" else demo_tokenizer()
+    processor = processor_for(tokenizer)
+    # What would happen: the tokenizer reads the literal text as its end-of-sequence token, mid-reply.
+    assert tokenizer.eos_token_id in tokenizer("Type </s> to stop.", add_special_tokens=False)["input_ids"]
+    records = [
+        {"conversations": [message("human", "How do I stop?"), message("gpt", "Type </s> to stop.")]},
+        {"conversations": [message("human", "What is <s> in HTML?"), message("gpt", "Struck-out text.")]},
+        {"conversations": [message("human", "How do I stop?"), message("gpt", "Type stop.")]},
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    log = IssueLog()
+    dataset = build_dataset([DataSpec(tmp_path / "d.jsonl")], processor, log)
+    file = str(tmp_path / "d.jsonl")
+    kind_ = IssueKind.SPECIAL_TOKEN_IN_TEXT
+    assert [(issue.file, issue.line, issue.kind) for issue in log.issues] == [(file, 1, kind_), (file, 2, kind_)]
+    assert "reply of turn 1 holds the text '</s>'" in log.issues[0].message
+    assert "question of turn 1 holds the text '<s>'" in log.issues[1].message
+    assert log.summary()["skipped_by_kind"] == {"special_token_in_text": 2} and len(dataset) == 1
+    # the template's own end of turn is still the real end-of-sequence token, and the last supervised one
+    encoded = dataset.encoded(0)
+    ((start, end),) = encoded.target_ranges
+    assert int(encoded.input_ids[end - 1]) == tokenizer.eos_token_id
+    assert [t.strip() for t in decoded_targets(tokenizer, encoded)] == ["Type stop.</s>"]
+
+
 def straddling_tokenizer(text: str) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with one token "ASSISTANT: <word>" that crosses the start of the reply."""
     pre = pre_tokenizers.Split(Regex(r"ASSISTANT: \w+|\w+|[^\w\s]|\s+"), behavior="isolated")

@@ -20,6 +20,7 @@ class IssueKind(str, Enum):
     BAD_BOX = "bad_box"  # outside the image, inverted, or not matching the <box> placeholders
     LABEL_MISMATCH = "label_mismatch"  # targets do not line up with the tokenizer (LLaVA's tokenization mismatch)
     TOO_LONG = "too_long"  # longer than model_max_length once the image tokens are expanded
+    SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"  # the text holds a special token's text (</s>, <s>, <unk>...)
 
 
 @dataclass(frozen=True)

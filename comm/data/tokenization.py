@@ -83,6 +83,23 @@ class SampleEncoder:
         self.model_max_length = model_max_length or processor.model_max_length
         self.image_token_id = processor.image_token_id
         self.dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32
+        # The tokenizer reads these texts as their special tokens wherever they appear, so "</s>" inside a reply
+        # would become an end of sequence the model learns to write mid-reply.
+        special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+        self.special_texts = sorted(special | set(tokenizer.all_special_tokens))
+
+    def special_token_in_text(self, sample: Sample) -> Rejected | None:
+        """A `Rejected` when a question or reply of ``sample`` holds the text of a special token, else None."""
+        for number, (question, answer) in enumerate(sample.turns, start=1):
+            for role, text in (("question", question), ("reply", answer)):
+                found = [token for token in self.special_texts if token in text]
+                if found:
+                    return Rejected(
+                        IssueKind.SPECIAL_TOKEN_IN_TEXT,
+                        f"the {role} of turn {number} holds the text {found[0]!r}, which the tokenizer reads as its "
+                        "special token, not as text",
+                    )
+        return None
 
     def render(self, sample: Sample):
         """The rendered conversation with image placeholders already expanded (spans refer to the expanded text)."""
@@ -122,16 +139,17 @@ class SampleEncoder:
 
     def encode_many(self, samples: Sequence[Sample]) -> list[EncodedSample | Rejected]:
         """Encode a batch of samples at once (the fast tokenizer runs the batch in parallel)."""
-        rendered = [self.render(sample) for sample in samples]
-        if not rendered:
-            return []
+        results: list[EncodedSample | Rejected | None] = [self.special_token_in_text(sample) for sample in samples]
+        todo = [index for index, result in enumerate(results) if result is None]
+        if not todo:
+            return results  # type: ignore[return-value]
+        rendered = [self.render(samples[index]) for index in todo]
         encoding = self.tokenizer(
             [r.text for r in rendered], return_offsets_mapping=True, add_special_tokens=True, verbose=False
         )
-        results: list[EncodedSample | Rejected] = []
-        for sample, render, ids, offsets in zip(samples, rendered, encoding["input_ids"], encoding["offset_mapping"]):
+        for index, render, ids, offsets in zip(todo, rendered, encoding["input_ids"], encoding["offset_mapping"]):
             try:
-                results.append(self._encode_one(sample, render, ids, offsets))
+                results[index] = self._encode_one(samples[index], render, ids, offsets)
             except Rejected as rejected:
-                results.append(rejected)
-        return results
+                results[index] = rejected
+        return results  # type: ignore[return-value]

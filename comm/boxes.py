@@ -1,4 +1,5 @@
-"""Box maths in one place: padded-square normalisation, Shikra's text format, parsing, IoU."""
+"""Box maths in one place: normalisation to the square the towers see (padded or centre-cropped), Shikra's text
+format, parsing, IoU."""
 
 from __future__ import annotations
 
@@ -40,22 +41,45 @@ def validate_pixel_box(box: Sequence[float], width: int, height: int) -> Box:
     return (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
 
 
-def normalize_box(box: Sequence[float], width: int, height: int) -> Box:
-    """Map an ``(x0, y0, x1, y1)`` pixel box on a ``width x height`` image to [0, 1] on its padded square."""
-    side, left, top = square_padding(width, height)
+def visible_square(width: int, height: int, pad_to_square: bool = True) -> tuple[float, float, float]:
+    """``(left, top, side)`` in original-image pixels of the square the towers see, that boxes are normalised to.
+
+    With ``pad_to_square`` it is the padded square (`square_padding`: it starts left of / above the image);
+    without, the centre square of side ``min(width, height)`` that a shortest-edge resize and a centre crop keep
+    (OpenAI's CLIP preprocessing; the crop's rounding in resized pixels moves it by under one model-input pixel).
+    """
+    if pad_to_square:
+        side, left, top = square_padding(width, height)
+        return -float(left), -float(top), float(side)
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, float(side)
+
+
+def normalize_box(box: Sequence[float], width: int, height: int, pad_to_square: bool = True) -> Box:
+    """Map an ``(x0, y0, x1, y1)`` pixel box on a ``width x height`` image to [0, 1] on its `visible_square`.
+
+    Without ``pad_to_square`` a box reaching beyond the centre crop gets values outside [0, 1].
+    """
+    left, top, side = visible_square(width, height, pad_to_square)
     x0, y0, x1, y1 = (float(v) for v in box)
-    return ((x0 + left) / side, (y0 + top) / side, (x1 + left) / side, (y1 + top) / side)
+    return ((x0 - left) / side, (y0 - top) / side, (x1 - left) / side, (y1 - top) / side)
 
 
-def denormalize_box(box: Sequence[float], width: int, height: int) -> Box:
-    """Map a [0, 1] box on the padded square back to original-image pixels, clipped to the image."""
-    side, left, top = square_padding(width, height)
+def denormalize_box(box: Sequence[float], width: int, height: int, pad_to_square: bool = True) -> Box:
+    """Map a [0, 1] box on the `visible_square` back to original-image pixels, clipped to the image."""
+    left, top, side = visible_square(width, height, pad_to_square)
     x0, y0, x1, y1 = (float(v) * side for v in box)
 
     def clip(value: float, limit: int) -> float:
         return min(max(value, 0.0), float(limit))
 
-    return (clip(x0 - left, width), clip(y0 - top, height), clip(x1 - left, width), clip(y1 - top, height))
+    return (clip(x0 + left, width), clip(y0 + top, height), clip(x1 + left, width), clip(y1 + top, height))
+
+
+def overlaps_unit_square(box: Sequence[float]) -> bool:
+    """Whether a normalised box has an area in common with [0, 1] x [0, 1] (the part the towers see)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x0 < 1 and y0 < 1 and x1 > 0 and y1 > 0
 
 
 def format_box(box: Sequence[float]) -> str:

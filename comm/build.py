@@ -24,7 +24,7 @@ from comm.processing import (
     IMAGE_START_TOKEN,
     IMAGE_TOKENS,
     CommProcessor,
-    square_image_processor,
+    tower_image_processor,
 )
 
 
@@ -65,7 +65,7 @@ def default_image_processor(kind: str, path: str | None, size: int):
             base = loader.from_pretrained(path)
         except OSError:
             base = None  # a bare config folder (tests, random towers): fall back to the standard constants
-    return square_image_processor(kind, size, base)
+    return tower_image_processor(kind, size, base)
 
 
 def build_processor(
@@ -75,6 +75,7 @@ def build_processor(
     dino_path: str | None = None,
     model_max_length: int | None = None,
     pad_color: tuple[int, int, int] = (255, 255, 255),
+    pad_to_square: bool = True,
 ) -> CommProcessor:
     """A processor for ``config``'s towers; ``tokenizer`` must already carry the image tokens."""
     return CommProcessor(
@@ -84,6 +85,7 @@ def build_processor(
         num_image_tokens=config.num_image_tokens,
         pad_color=pad_color,
         model_max_length=model_max_length,
+        pad_to_square=pad_to_square,
     )
 
 

@@ -214,7 +214,9 @@ class CommPipeline:
         loaded, expression_list, single = _load_pairs(images, expressions, "expression")
         questions = [rec_prompt(expression) for expression in expression_list]
         answers = self._generate(loaded, questions, batch_size, **generate_kwargs)
-        return [Grounding.from_answer(answer, image.size) for image, answer in zip(loaded, answers)], single
+        pad_to_square = self.processor.pad_to_square  # the square the answers' boxes are normalised to
+        results = [Grounding.from_answer(answer, image.size, pad_to_square) for image, answer in zip(loaded, answers)]
+        return results, single
 
     def ground_detailed(
         self,

@@ -49,11 +49,29 @@ def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.I
     return canvas
 
 
-def square_image_processor(kind: str, size: int, base: Any | None = None):
-    """A CLIP/DINOv2 image processor that resizes the (already square) image to ``size`` without cropping.
+def set_tower_resize(image_processor: Any, size: int, pad_to_square: bool = True) -> None:
+    """Make a tower's image processor output ``size`` x ``size`` pixels for the processor's image mode.
 
-    Crops would cut off the image's borders and break boxes given against the full padded square.
+    With ``pad_to_square`` the (already padded) square is resized straight to ``size``: a crop would cut off the
+    borders that boxes are measured against. Without, the shortest edge is resized to ``size`` and the centre
+    ``size`` x ``size`` cropped (OpenAI's CLIP preprocessing); both towers then see the same centre square.
     """
+    image_processor.crop_size = {"height": size, "width": size}
+    if pad_to_square:
+        image_processor.size = {"height": size, "width": size}
+        image_processor.do_center_crop = False
+    else:
+        image_processor.size = {"shortest_edge": size}
+        image_processor.do_center_crop = True
+
+
+def tower_input_size(image_processor: Any) -> int:
+    """The side of the square a tower's image processor outputs (its crop size in both modes)."""
+    return int(image_processor.crop_size["height"])
+
+
+def tower_image_processor(kind: str, size: int, base: Any | None = None, pad_to_square: bool = True) -> Any:
+    """A CLIP/DINOv2 image processor (``base``, or one with the standard constants) set up by `set_tower_resize`."""
     if base is not None:
         processor = base
     elif kind == "clip":
@@ -62,9 +80,7 @@ def square_image_processor(kind: str, size: int, base: Any | None = None):
         processor = BitImageProcessorPil(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
     else:
         raise ValueError(f"unknown image processor kind {kind!r}")
-    processor.size = {"height": size, "width": size}
-    processor.crop_size = {"height": size, "width": size}
-    processor.do_center_crop = False
+    set_tower_resize(processor, size, pad_to_square)
     return processor
 
 
@@ -73,7 +89,10 @@ class CommProcessor:
     ``pixel_values_dino``.
 
     Each ``<image>`` in the text becomes ``<im_start>`` + ``num_image_tokens`` x ``<im_patch>`` + ``<im_end>``;
-    images are padded to a square with ``pad_color`` and then resized and normalised by each tower's processor.
+    images are padded to a square with ``pad_color`` and then resized and normalised by each tower's processor
+    (the Shikra/COMM recipe). With ``pad_to_square=False`` each tower resizes the shortest edge and crops the
+    centre instead, as OpenAI's CLIP and LLaVA-1.5's ``--image_aspect_ratio`` none do; boxes then refer to that
+    centre square (`comm.boxes.visible_square`). The tower processors are set up for the mode (`set_tower_resize`).
     """
 
     def __init__(
@@ -84,6 +103,7 @@ class CommProcessor:
         num_image_tokens: int,
         pad_color: Sequence[int] = (255, 255, 255),
         model_max_length: int | None = None,
+        pad_to_square: bool = True,
     ):
         self.tokenizer = tokenizer
         self.clip_image_processor = clip_image_processor
@@ -91,6 +111,11 @@ class CommProcessor:
         self.num_image_tokens = int(num_image_tokens)
         self.pad_color = tuple(int(c) for c in pad_color)
         self.model_max_length = model_max_length
+        if not isinstance(pad_to_square, bool):
+            raise TypeError(f"pad_to_square must be True or False, got {pad_to_square!r}")
+        self.pad_to_square = pad_to_square
+        for image_processor in (clip_image_processor, dino_image_processor):
+            set_tower_resize(image_processor, tower_input_size(image_processor), pad_to_square)
         missing = [t for t in IMAGE_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(f"the tokenizer lacks the image tokens {missing}: call comm.add_image_tokens first")
@@ -117,9 +142,11 @@ class CommProcessor:
 
     def preprocess_images(self, images: Sequence[ImageInput]) -> dict[str, torch.Tensor]:
         """Pixel values of both towers for a list of images (paths, arrays or PIL images)."""
-        squares = [expand_to_square(load_image(image, f"image {i}"), self.pad_color) for i, image in enumerate(images)]
-        clip = self.clip_image_processor(images=squares, return_tensors="pt")["pixel_values"]
-        dino = self.dino_image_processor(images=squares, return_tensors="pt")["pixel_values"]
+        views = [load_image(image, f"image {i}") for i, image in enumerate(images)]
+        if self.pad_to_square:
+            views = [expand_to_square(view, self.pad_color) for view in views]
+        clip = self.clip_image_processor(images=views, return_tensors="pt")["pixel_values"]
+        dino = self.dino_image_processor(images=views, return_tensors="pt")["pixel_values"]
         return {PIXEL_VALUES_CLIP: clip, PIXEL_VALUES_DINO: dino}
 
     def tokenize(self, text: str, max_length: int | None = None, add_special_tokens: bool = True) -> list[int]:
@@ -202,6 +229,7 @@ class CommProcessor:
             "num_image_tokens": self.num_image_tokens,
             "pad_color": list(self.pad_color),
             "model_max_length": self.model_max_length,
+            "pad_to_square": self.pad_to_square,
         }
         (folder / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 

@@ -47,6 +47,17 @@ def test_normalise_against_padded_square_and_back():
     assert denormalize_box((0.0, 0.0, 1.0, 1.0), 200, 100) == pytest.approx((0, 0, 200, 100))
 
 
+def test_normalise_against_the_centre_crop_and_back():
+    # 200x100 image without padding: the towers see the centre 100x100 square, from x = 50.
+    box = (60, 10, 120, 60)
+    normalised = normalize_box(box, 200, 100, pad_to_square=False)
+    assert normalised == pytest.approx((0.1, 0.1, 0.7, 0.6))
+    assert denormalize_box(normalised, 200, 100, pad_to_square=False) == pytest.approx(box)
+    assert denormalize_box((0.0, 0.0, 1.0, 1.0), 200, 100, pad_to_square=False) == pytest.approx((50, 0, 150, 100))
+    # beyond the crop: outside [0, 1]
+    assert normalize_box((0, 0, 40, 100), 200, 100, pad_to_square=False)[0] == pytest.approx(-0.5)
+
+
 def test_iou():
     assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)

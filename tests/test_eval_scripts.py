@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,8 @@ def test_rec_boxes_mapped_to_pixels_and_scored(data, tmp_path, monkeypatch):
         return [answers[question.split("point out ")[1].split(" in the image")[0]] for question in questions]
 
     monkeypatch.setattr(run_rec, "generate_answers", fake_generate)
-    metrics = run_rec.evaluate_rec(None, None, samples, tmp_path, batch_size=4, progress=False)
+    processor = types.SimpleNamespace(pad_to_square=True)  # all evaluate_rec reads of it with generation faked
+    metrics = run_rec.evaluate_rec(None, processor, samples, tmp_path, batch_size=4, progress=False)
     assert metrics == {"accuracy": 4 / 6, "n": 6, "no_box": 1}
     lines = read_jsonl(tmp_path / "predictions.jsonl")
     assert lines[4]["pred_box"] is None and lines[4]["iou"] == 0.0

@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_huge_png
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import TextIteratorStreamer
 
+from comm.boxes import format_box, normalize_box, parse_box
+from comm.data.samples import rec_turns
+from comm.evaluation import run_rec
+from comm.evaluation.rec import RecSample
 from comm.loading import check_model_folder
 from comm.model.modeling import CommForConditionalGeneration
 from comm.pipeline import CommPipeline, Grounding
-from comm.processing import CommProcessor
+from comm.processing import CommProcessor, tower_image_processor
 from comm.visualize import GT_COLOR, PRED_COLOR, draw_boxes, image_grid, save_rec_grid
 
 TOKENS = 8  # new tokens per answer: enough to tell answers apart, short enough for a fast suite
@@ -253,6 +257,42 @@ def test_ground_lists_and_broadcasting(pipe, scripted_answers):
     assert results[1].box == pytest.approx((20.0, 0.0, 120.0, 100.0))
     # Generation saw the original (unpadded) images: padding to a square is the processor's job.
     assert scripted_answers[0]["sizes"] == [(100, 200), (50, 50), (200, 100)]
+
+
+@pytest.mark.parametrize("pad_to_square", [True, False])
+def test_a_known_box_maps_back_within_one_pixel_in_both_image_modes(pipe, monkeypatch, tmp_path, pad_to_square):
+    # A red box drawn on a 300x200 photo, edges chosen to fall on pixel edges of the 336 px CLIP input in both
+    # modes (scale 1.12 padded, 1.68 cropped). Where the tower sees it, written as the model's answer, must come
+    # back to the drawn box through the pipeline and the REC evaluation, and be what training teaches.
+    width, height, drawn = 300, 200, (75, 50, 175, 150)
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    ImageDraw.Draw(image).rectangle([drawn[0], drawn[1], drawn[2] - 1, drawn[3] - 1], fill=(255, 0, 0))
+    image.save(tmp_path / "photo.png")
+    processor = CommProcessor(
+        pipe.processor.tokenizer,
+        tower_image_processor("clip", 336),
+        tower_image_processor("dino", 224),
+        pipe.processor.num_image_tokens,
+        pad_to_square=pad_to_square,
+    )
+    green = processor.preprocess_images([image])["pixel_values_clip"][0, 1] * 0.26130258 + 0.4578275
+    rows, columns = np.nonzero((green < 0.25).numpy())  # red: 0, grey: 0.5, white padding: 1
+    seen = (columns.min() / 336, rows.min() / 336, (columns.max() + 1) / 336, (rows.max() + 1) / 336)
+    other_mode = normalize_box(drawn, width, height, not pad_to_square)
+    assert max(abs(a - b) for a, b in zip(seen, other_mode)) > 0.05  # the two modes put the box elsewhere
+    answer = f"It is at {format_box(seen)}."
+
+    monkeypatch.setattr("comm.pipeline.generate_answers", lambda *args, **kwargs: [answer])
+    assert CommPipeline(pipe.model, processor).ground(image, "the red box") == pytest.approx(drawn, abs=1.0)
+
+    monkeypatch.setattr(run_rec, "generate_answers", lambda *args, **kwargs: [answer])
+    sample = RecSample("1", str(tmp_path / "photo.png"), "the red box", tuple(float(v) for v in drawn))
+    (record,) = run_rec.predict_rec_batch(pipe.model, processor, [sample])
+    assert record["pred_box"] == pytest.approx(drawn, abs=1.0) and record["iou"] > 0.97
+
+    bbox = [drawn[0], drawn[1], drawn[2] - drawn[0], drawn[3] - drawn[1]]
+    ((_, target),) = rec_turns({"expression": "the red box", "bbox": bbox}, (width, height), pad_to_square)
+    assert parse_box(target) == pytest.approx(seen, abs=1e-3)
 
 
 # ---------------------------------------------------------------- validation before any model work

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import BitImageProcessorPil, CLIPImageProcessorPil
 
 from comm import CommProcessor
-from comm.processing import IMAGE_END_TOKEN, IMAGE_START_TOKEN, expand_to_square, load_image
+from comm.processing import IMAGE_END_TOKEN, IMAGE_START_TOKEN, expand_to_square, load_image, tower_image_processor
 
 
 @pytest.fixture
@@ -125,3 +128,52 @@ def test_processor_roundtrip(processor, tmp_path):
     assert again.tokenizer("hello <im_patch>")["input_ids"] == processor.tokenizer("hello <im_patch>")["input_ids"]
     with pytest.raises(FileNotFoundError, match="processor_config.json"):
         CommProcessor.from_pretrained(tmp_path / "nowhere")
+
+
+def test_without_pad_to_square_the_towers_preprocess_as_openai_clip_does(processor, tmp_path):
+    # ViT-L/14-336 and DINOv2 input sizes; a 640x480 photo-like image (smooth gradients and noise).
+    openai = CommProcessor(
+        processor.tokenizer,
+        tower_image_processor("clip", 336),
+        tower_image_processor("dino", 224),
+        processor.num_image_tokens,
+        pad_to_square=False,
+    )
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, 640)[None, :, None] + np.linspace(0, 50, 480)[:, None, None]
+    photo = Image.fromarray(np.clip(ramp + rng.normal(0, 20, (480, 640, 3)), 0, 255).astype(np.uint8))
+    pixels = openai.preprocess_images([photo])
+    clip_reference = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    assert torch.equal(pixels["pixel_values_clip"], clip_reference(images=[photo], return_tensors="pt")["pixel_values"])
+    dino_reference = BitImageProcessorPil(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    assert torch.equal(pixels["pixel_values_dino"], dino_reference(images=[photo], return_tensors="pt")["pixel_values"])
+    # the default pads first: not the same pixels
+    padded = CommProcessor(
+        processor.tokenizer, tower_image_processor("clip", 336), tower_image_processor("dino", 224), 16
+    ).preprocess_images([photo])
+    assert not torch.equal(padded["pixel_values_clip"], pixels["pixel_values_clip"])
+
+    # saved with the processor; an override at load sets the towers up for the mode
+    openai.save_pretrained(tmp_path / "openai")
+    again = CommProcessor.from_pretrained(tmp_path / "openai")
+    assert again.pad_to_square is False
+    assert torch.equal(again.preprocess_images([photo])["pixel_values_clip"], pixels["pixel_values_clip"])
+    back = CommProcessor.from_pretrained(tmp_path / "openai", pad_to_square=True)
+    assert torch.equal(back.preprocess_images([photo])["pixel_values_clip"], padded["pixel_values_clip"])
+    assert CommProcessor.from_pretrained(processor_folder(processor, tmp_path)).pad_to_square is True
+
+
+def processor_folder(processor: CommProcessor, tmp_path) -> str:
+    """``processor`` saved the way exports made before ``pad_to_square`` existed (no such key)."""
+    folder = tmp_path / "old"
+    processor.save_pretrained(folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    config.pop("pad_to_square")
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    return str(folder)

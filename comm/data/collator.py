@@ -10,7 +10,7 @@ from PIL import Image
 
 from comm.data.tokenization import IGNORE_INDEX
 from comm.model.modeling import PIXEL_INPUTS, PIXEL_VALUES_CLIP
-from comm.processing import CommProcessor, pad_sequences
+from comm.processing import CommProcessor, pad_sequences, tower_input_size
 
 
 @dataclass
@@ -30,7 +30,7 @@ class CommDataCollator:
     @classmethod
     def for_processor(cls, processor: CommProcessor) -> CommDataCollator:
         """A collator with the processor's pad id and a blank (pad-colour) image for image-less batches."""
-        side = max(processor.clip_image_processor.size["height"], processor.dino_image_processor.size["height"])
+        side = max(tower_input_size(processor.clip_image_processor), tower_input_size(processor.dino_image_processor))
         blank = processor.preprocess_images([Image.new("RGB", (side, side), processor.pad_color)])
         return cls(processor.pad_token_id, blank, processor.image_block_ids)
 

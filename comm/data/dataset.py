@@ -97,7 +97,7 @@ def build_dataset(
 ) -> SupervisedDataset:
     """Load, validate, sample (ratios) and tokenize the training files into one `SupervisedDataset`."""
     images = ImageChecker(verify=verify_images)
-    sources = [load_samples(spec, issues, image_folder, images) for spec in specs]
+    sources = [load_samples(spec, issues, image_folder, images, processor.pad_to_square) for spec in specs]
     chosen = mixture_indices([len(s) for s in sources], [spec.ratio for spec in specs], seed)
     encoder = SampleEncoder(processor, model_max_length)
 

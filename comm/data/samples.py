@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from comm.boxes import format_box, normalize_box, validate_pixel_box, xywh_to_xyxy
+from comm.boxes import Box, format_box, normalize_box, overlaps_unit_square, validate_pixel_box, xywh_to_xyxy
 from comm.conversation import IMAGE_PLACEHOLDER, rec_prompt, with_image
 from comm.data.issues import DataIssue, IssueKind, IssueLog, Rejected
 from comm.data.mixture import DataSpec
@@ -120,7 +120,23 @@ def _check_placeholders(turns: list[tuple[str, str]], has_image: bool) -> list[t
     return turns
 
 
-def _fill_boxes(turns: list[tuple[str, str]], boxes: Any, size: tuple[int, int] | None) -> list[tuple[str, str]]:
+def box_text(pixels: Box, size: tuple[int, int], pad_to_square: bool = True) -> str:
+    """A checked pixel box in Shikra's text format, normalised to the square the towers see (`visible_square`).
+
+    Raises ValueError when the towers see none of it (outside the centre crop, with ``pad_to_square=False``).
+    """
+    normalized = normalize_box(pixels, *size, pad_to_square)
+    if not pad_to_square and not overlaps_unit_square(normalized):
+        raise ValueError(
+            f"box {list(pixels)} lies outside the centre square the towers see (the processor crops: pad_to_square "
+            "is False)"
+        )
+    return format_box(normalized)
+
+
+def _fill_boxes(
+    turns: list[tuple[str, str]], boxes: Any, size: tuple[int, int] | None, pad_to_square: bool = True
+) -> list[tuple[str, str]]:
     """Replace the ``<box>`` placeholders, in order, by the normalised boxes in Shikra's text format."""
     placeholders = sum(q.count(BOX_PLACEHOLDER) + a.count(BOX_PLACEHOLDER) for q, a in turns)
     if boxes is None:
@@ -140,10 +156,9 @@ def _fill_boxes(turns: list[tuple[str, str]], boxes: Any, size: tuple[int, int] 
         if not isinstance(box, (list, tuple)) or not all(isinstance(v, (int, float)) for v in box):
             raise Rejected(IssueKind.BAD_BOX, f"box {number} is not a list of numbers: {box!r}")
         try:
-            pixels = validate_pixel_box(box, *size)
+            texts.append(box_text(validate_pixel_box(box, *size), size, pad_to_square))
         except ValueError as error:
             raise Rejected(IssueKind.BAD_BOX, f"box {number}: {error}") from None
-        texts.append(format_box(normalize_box(pixels, *size)))
     boxes_left = iter(texts)
 
     def fill(text: str) -> str:
@@ -153,8 +168,8 @@ def _fill_boxes(turns: list[tuple[str, str]], boxes: Any, size: tuple[int, int] 
     return [(fill(q), fill(a)) for q, a in turns]
 
 
-def rec_turns(record: dict, size: tuple[int, int] | None) -> list[tuple[str, str]]:
-    """The REC question/answer pair for ``{"expression", "bbox": [x, y, w, h]}`` (box on the padded square)."""
+def rec_turns(record: dict, size: tuple[int, int] | None, pad_to_square: bool = True) -> list[tuple[str, str]]:
+    """The REC question/answer pair for ``{"expression", "bbox": [x, y, w, h]}`` (box on the towers' square)."""
     expression = record.get("expression")
     if not isinstance(expression, str) or not expression.strip():
         raise Rejected(IssueKind.BAD_CONVERSATION, "'expression' must be a non-empty string")
@@ -164,14 +179,19 @@ def rec_turns(record: dict, size: tuple[int, int] | None) -> list[tuple[str, str
     if size is None:
         raise Rejected(IssueKind.BAD_CONVERSATION, "a REC sample needs an 'image'")
     try:
-        pixels = validate_pixel_box(xywh_to_xyxy(bbox), *size)
+        answer = box_text(validate_pixel_box(xywh_to_xyxy(bbox), *size), size, pad_to_square)
     except ValueError as error:
         raise Rejected(IssueKind.BAD_BOX, f"bbox {bbox} (x, y, w, h): {error}") from None
-    return [(rec_prompt(expression.strip()), format_box(normalize_box(pixels, *size)))]
+    return [(rec_prompt(expression.strip()), answer)]
 
 
-def record_to_sample(record: RawRecord, file: str, image_folder: Path, images: ImageChecker) -> Sample:
-    """Validate one parsed record and turn it into a `Sample`, or raise `Rejected`."""
+def record_to_sample(
+    record: RawRecord, file: str, image_folder: Path, images: ImageChecker, pad_to_square: bool = True
+) -> Sample:
+    """Validate one parsed record and turn it into a `Sample`, or raise `Rejected`.
+
+    Boxes are normalised for the processor's image mode (``pad_to_square``, see `comm.boxes.visible_square`).
+    """
     value = record.value
     if not isinstance(value, dict):
         raise Rejected(IssueKind.BAD_JSON, f"a sample must be a JSON object, got {type(value).__name__}")
@@ -185,9 +205,9 @@ def record_to_sample(record: RawRecord, file: str, image_folder: Path, images: I
     if "conversations" in value:
         turns = conversation_turns(value["conversations"])
         turns = _check_placeholders(turns, image is not None)
-        turns = _fill_boxes(turns, value.get("boxes"), size)
+        turns = _fill_boxes(turns, value.get("boxes"), size, pad_to_square)
     elif "expression" in value or "bbox" in value:
-        turns = rec_turns(value, size)
+        turns = rec_turns(value, size, pad_to_square)
     else:
         raise Rejected(
             IssueKind.BAD_CONVERSATION,
@@ -206,9 +226,16 @@ def record_to_sample(record: RawRecord, file: str, image_folder: Path, images: I
 
 
 def load_samples(
-    spec: DataSpec, issues: IssueLog, image_folder: str | Path | None = None, images: ImageChecker | None = None
+    spec: DataSpec,
+    issues: IssueLog,
+    image_folder: str | Path | None = None,
+    images: ImageChecker | None = None,
+    pad_to_square: bool = True,
 ) -> list[Sample]:
-    """Every valid sample of one data file; each rejected one is reported to ``issues`` with its file and line."""
+    """Every valid sample of one data file; each rejected one is reported to ``issues`` with its file and line.
+
+    ``pad_to_square`` is the processor's image mode, which boxes are normalised for.
+    """
     file = str(spec.path)
     folder = Path(image_folder) if image_folder is not None else spec.path.parent
     images = images or ImageChecker()
@@ -222,7 +249,7 @@ def load_samples(
             issues.report(DataIssue(IssueKind.BAD_JSON, file, record.line, record.error, record.index))
             continue
         try:
-            sample = record_to_sample(record, file, folder, images)
+            sample = record_to_sample(record, file, folder, images, pad_to_square)
         except Rejected as rejected:
             sample_id = record.value.get("id") if isinstance(record.value, dict) else None
             issues.report(

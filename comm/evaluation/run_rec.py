@@ -21,9 +21,12 @@ PREDICTIONS_FILE = "predictions.jsonl"
 VISUALIZATION_FILE = "visualization.png"
 
 
-def rec_record(sample: RecSample, answer: str, width: int, height: int) -> dict[str, Any]:
-    """The predictions-file line for ``sample``: the answer's first box mapped to original-image pixels."""
-    box = Grounding.from_answer(answer, (width, height)).box
+def rec_record(sample: RecSample, answer: str, width: int, height: int, pad_to_square: bool = True) -> dict[str, Any]:
+    """The predictions-file line for ``sample``: the answer's first box mapped to original-image pixels.
+
+    ``pad_to_square`` is the processor's image mode (the square the answer's box is normalised to).
+    """
+    box = Grounding.from_answer(answer, (width, height), pad_to_square).box
     pred_box = list(box) if box is not None else None
     gt_box = list(sample.bbox_xyxy)
     return {
@@ -48,7 +51,8 @@ def predict_rec_batch(
         questions = [rec_prompt(sample.expression) for sample in batch]
         answers = generate_answers(model, processor, images, questions, batch_size=len(batch), **generate_kwargs)
         return [
-            rec_record(sample, text, *image.size) for sample, image, text in zip(batch, images, answers, strict=True)
+            rec_record(sample, text, *image.size, processor.pad_to_square)
+            for sample, image, text in zip(batch, images, answers, strict=True)
         ]
 
     return answer_with_images(

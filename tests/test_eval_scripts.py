@@ -268,6 +268,61 @@ def test_resume_merges_part_files_left_by_ranks(tmp_path):
         run_sharded(items, lambda item: item, predict, out, key="id", progress=False)
 
 
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("jsonl_not_utf8", "rec.jsonl, line 2: not UTF-8 text"),
+        ("refs_sentences_not_a_list", "refs(unc).p: ref #0: 'sentences' must be a list"),
+        ("refs_ann_id_a_list", "refs(unc).p: ref #0: ref_id, ann_id and image_id must be numbers or strings"),
+        ("instances_not_utf8", "instances.json: not UTF-8 text"),
+        ("karpathy_sentences_not_a_list", "karpathy.json: images[0]: 'sentences' must be a list"),
+        ("pope_answer_id_an_object", "answers.jsonl, line 1: question_id must be a number or a string"),
+    ],
+)
+def test_malformed_data_is_one_error_line_naming_the_file(case, expected, tiny_model_dir, tmp_path, capsys):
+    record = {"id": "1", "expression": "x", "answer": "", "pred_box": None, "gt_box": [0, 0, 1, 1], "iou": 0.0}
+    (tmp_path / "rec.jsonl").write_bytes(json.dumps(record).encode() + b"\n" + b'{"id": "\xff"}\n')
+    refs = [{"ref_id": 1, "ann_id": 10, "image_id": 1, "split": "val", "sentences": [{"sent": "it"}]}]
+    refs[0].update(
+        {"refs_sentences_not_a_list": {"sentences": 5}, "refs_ann_id_a_list": {"ann_id": [10]}}.get(case, {})
+    )
+    folder = tmp_path / "refer" / "refcoco"
+    folder.mkdir(parents=True)
+    with (folder / "refs(unc).p").open("wb") as handle:
+        pickle.dump(refs, handle, protocol=2)
+    instances = {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "annotations": [{"id": 10, "image_id": 1, "bbox": [0, 0, 1, 1]}],
+    }
+    (folder / "instances.json").write_bytes(b"\xff" if case == "instances_not_utf8" else json.dumps(instances).encode())
+    image = {"filename": "a.png", "split": "test", "cocoid": 1, "sentences": 5}
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": [image]}))
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"id": "1", "caption": "x"}) + "\n")
+    (tmp_path / "questions.jsonl").write_text(
+        json.dumps({"question_id": 1, "image": "a.png", "text": "x", "label": "no"}) + "\n"
+    )
+    (tmp_path / "answers.jsonl").write_text(json.dumps({"question_id": {"id": 1}, "text": "No"}) + "\n")
+    refer = ["--refer-root", str(tmp_path / "refer"), "--dataset", "refcoco", "--split", "val", "--image-dir",
+             str(tmp_path), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    script, argv = {
+        "jsonl_not_utf8": (eval_rec, ["--score", str(tmp_path / "rec.jsonl")]),
+        "refs_sentences_not_a_list": (eval_rec, refer),
+        "refs_ann_id_a_list": (eval_rec, refer),
+        "instances_not_utf8": (eval_rec, refer),
+        "karpathy_sentences_not_a_list": (
+            eval_caption,
+            ["--annotations", str(tmp_path / "karpathy.json"), "--score", str(tmp_path / "captions.jsonl")],
+        ),
+        "pope_answer_id_an_object": (
+            eval_pope,
+            ["--questions", str(tmp_path / "questions.jsonl"), "--score", str(tmp_path / "answers.jsonl")],
+        ),
+    }[case]
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
+
+
 def test_unusable_images_are_unanswerable_and_the_run_goes_on(data, tiny_model_dir, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()

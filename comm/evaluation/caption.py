@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from comm.errors import UserError
+from comm.evaluation.files import read_json
 from comm.evaluation.pope import check_ids
 from comm.extras import require_extra
 
@@ -25,16 +25,6 @@ class CaptionSample:
     id: str
     image: str
     references: list[str]
-
-
-def _load_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"caption file not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from error
 
 
 def _image_path(image_root: str | os.PathLike[str] | None, *parts: str) -> str:
@@ -56,6 +46,10 @@ def _karpathy_samples(
         missing = [key for key in ("filename", "split", "sentences") if key not in image]
         if missing:
             raise ValueError(f"{where} lacks {', '.join(missing)}")
+        if not isinstance(image["filename"], str) or not isinstance(image.get("filepath", ""), str):
+            raise ValueError(f"{where}: 'filename' and 'filepath' must be strings")
+        if not isinstance(image["sentences"], list):
+            raise ValueError(f"{where}: 'sentences' must be a list")
         if image["split"] != split:
             continue
         if "cocoid" in image:
@@ -88,7 +82,7 @@ def load_karpathy(
 ) -> list[CaptionSample]:
     """Read one split of a Karpathy ``dataset_coco.json`` / ``dataset_flickr30k.json`` file."""
     path = Path(path)
-    data = _load_json(path)
+    data = read_json(path, "caption file")
     if not _is_karpathy(data):
         raise ValueError(f"{path}: not a Karpathy caption file (expected images with 'sentences')")
     return _karpathy_samples(data, path, split, image_root)
@@ -111,8 +105,8 @@ def _coco_samples(data: dict[str, Any], path: Path, image_root: str | os.PathLik
     file_names: dict[str, str] = {}
     order: list[str] = []
     for index, image in enumerate(data["images"]):
-        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
-            raise ValueError(f"{path}: images[{index}] needs 'id' and 'file_name'")
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+            raise ValueError(f"{path}: images[{index}] needs 'id' and a 'file_name' string")
         image_id = str(image["id"])
         if image_id in file_names:
             raise ValueError(f"{path}: images[{index}] repeats image id {image_id}")
@@ -147,7 +141,7 @@ def load_caption_file(
     (e.g. a test set whose references are withheld) are left out.
     """
     path = Path(path)
-    data = _load_json(path)
+    data = read_json(path, "caption file")
     if _is_coco(data):
         return _coco_samples(data, path, image_root)
     if _is_karpathy(data):

@@ -13,15 +13,30 @@ from typing import Any
 METRICS_FILE = "metrics.json"
 
 
+def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
+    """The JSON value in ``path``; a missing file, bytes that are not UTF-8 or bad JSON raise an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
 def iter_jsonl_strict(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line; a bad line raises ValueError naming it."""
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not UTF-8 text ({error.reason})") from None
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from error
             if not isinstance(record, dict):
@@ -42,8 +57,8 @@ def read_unique_records(
 ) -> list[dict[str, Any]]:
     """JSON-lines records that hold ``keys``, pass ``check`` (returns a problem or None), with distinct ``id_key``s.
 
-    Ids are compared as strings (``1`` and ``"1"`` are the same id). A bad record raises ValueError naming the file
-    and the line.
+    Ids must be numbers or strings and are compared as strings (``1`` and ``"1"`` are the same id). A bad record
+    raises ValueError naming the file and the line.
     """
     path = Path(path)
     records: list[dict[str, Any]] = []
@@ -56,6 +71,8 @@ def read_unique_records(
         problem = check(record) if check is not None else None
         if problem is not None:
             raise ValueError(f"{where}: {problem}")
+        if isinstance(record[id_key], bool) or not isinstance(record[id_key], (int, str)):
+            raise ValueError(f"{where}: {id_key} must be a number or a string, got {record[id_key]!r}")
         key = str(record[id_key])
         if key in seen:
             raise ValueError(f"{where}: duplicate {id_key} {record[id_key]!r} (first on line {seen[key]})")

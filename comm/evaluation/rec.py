@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from comm.boxes import box_iou, xywh_to_xyxy
-from comm.evaluation.files import iter_jsonl_strict
+from comm.evaluation.files import iter_jsonl_strict, read_json
 from comm.evaluation.unanswerable import UNANSWERABLE, count_unanswerable
 
 # Valid splits for each (dataset, split_by) of the REFER release; the first split_by is the default.
@@ -105,11 +104,7 @@ def load_refer(
     refs = load_restricted_pickle(refs_path)
     if not isinstance(refs, list):
         _refer_error(refs_path, f"expected a list of refs, got {type(refs).__name__}")
-    with instances_path.open(encoding="utf-8") as handle:
-        try:
-            instances = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{instances_path}: not valid JSON ({error})") from error
+    instances = read_json(instances_path)
     if not isinstance(instances, dict) or "images" not in instances or "annotations" not in instances:
         _refer_error(instances_path, "expected a COCO object with 'images' and 'annotations'")
 
@@ -128,6 +123,10 @@ def load_refer(
         missing = [key for key in ("ref_id", "ann_id", "image_id", "split", "sentences") if key not in ref]
         if missing:
             _refer_error(refs_path, f"{where} lacks {', '.join(missing)}")
+        if not all(isinstance(ref[key], (int, str)) for key in ("ref_id", "ann_id", "image_id")):
+            _refer_error(refs_path, f"{where}: ref_id, ann_id and image_id must be numbers or strings")
+        if not isinstance(ref["sentences"], list):
+            _refer_error(refs_path, f"{where}: 'sentences' must be a list")
         if ref["split"] != split:
             continue
         where = f"ref_id {ref['ref_id']}"
@@ -140,8 +139,8 @@ def load_refer(
         bbox = annotation.get("bbox")
         if not _is_box(bbox):
             _refer_error(instances_path, f"annotation {ref['ann_id']} has no [x, y, w, h] bbox: {bbox!r}")
-        if "file_name" not in image:
-            _refer_error(instances_path, f"image {ref['image_id']} has no file_name")
+        if not isinstance(image.get("file_name"), str):
+            _refer_error(instances_path, f"image {ref['image_id']} has no file_name string")
         bbox_xyxy = xywh_to_xyxy(bbox)
         image_path = str(image_root / image["file_name"])
         for sentence_index, sentence in enumerate(ref["sentences"]):

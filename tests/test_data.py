@@ -138,6 +138,21 @@ def test_boxes_are_normalised_against_the_padded_square(tmp_path):
     )
 
 
+def test_boxes_follow_a_processor_that_crops_the_centre(tmp_path):
+    # 200x100 image without padding: the towers see the centre 100x100 square, from x = 50.
+    Image.new("RGB", (200, 100), (0, 0, 255)).save(tmp_path / "wide.png")
+    boxes = {"inside": [60, 10, 60, 50], "partly": [30, 10, 60, 50], "outside": [0, 0, 40, 100]}  # x, y, w, h
+    records = [{"id": name, "image": "wide.png", "expression": name, "bbox": bbox} for name, bbox in boxes.items()]
+    (tmp_path / "rec.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    log = IssueLog()
+    samples = load_samples(DataSpec(tmp_path / "rec.jsonl"), log, pad_to_square=False)
+    assert [sample.turns[0][1] for sample in samples] == ["[0.100,0.100,0.700,0.600]", "[0.000,0.100,0.400,0.600]"]
+    assert [(issue.line, issue.kind) for issue in log.issues] == [(3, IssueKind.BAD_BOX)]
+    assert "outside the centre square the towers see" in log.issues[0].message
+    padded = load_samples(DataSpec(tmp_path / "rec.jsonl"), IssueLog(strict=True))
+    assert [sample.turns[0][1] for sample in padded][0] == "[0.300,0.300,0.600,0.550]"
+
+
 def message(role: str, value: str) -> dict:
     """One LLaVA conversation message."""
     return {"from": role, "value": value}

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from comm.model.aligners import linear_projection, mlp_aligner
 from comm.model.configuration import CommConfig
+from comm.model.loss import decoder_and_head, labelled_causal_lm_loss
 from comm.model.merge import LLNLayerscale
 from comm.model.towers import FrozenVisionTower
 
@@ -67,6 +68,11 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
     through a linear projection; the two are concatenated (channels or sequence) and projected to the
     LLM's width. The result replaces the embeddings of the ``<im_patch>`` placeholder tokens.
     """
+
+    # With labels (training), apply the LM head and the loss only at the labelled positions (`comm.model.loss`):
+    # same loss and gradients as the LLM's own full-logits loss, a fraction of its logits memory and head FLOPs.
+    # False runs the LLM's own forward (the reference the tests and benchmarks compare with).
+    labelled_logits_only: bool = True
 
     def __init__(self, config: CommConfig):
         super().__init__(config)
@@ -163,7 +169,11 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Run the LLM on text whose ``<im_patch>`` tokens are replaced by the images' visual tokens."""
+        """Run the LLM on text whose ``<im_patch>`` tokens are replaced by the images' visual tokens.
+
+        With ``labels``, ``logits`` holds only the labelled positions' (``(num_labelled, vocab)``, float32; see
+        `labelled_logits_only`); without, the usual ``(batch, seq, vocab)`` (``logits_to_keep`` applies).
+        """
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -179,15 +189,35 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
             elif has_placeholders:
                 raise ValueError("the text has image placeholder tokens but no pixel values were given")
         cache = kwargs.pop("cache", None)
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **{CACHE_NAME: cache if cache is not None else past_key_values},
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
+        llm_kwargs = {
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            CACHE_NAME: cache if cache is not None else past_key_values,
+            "use_cache": use_cache,
             **kwargs,
+        }
+        if labels is not None and self.labelled_logits_only and not {"return_dict", "shift_labels"} & kwargs.keys():
+            parts = decoder_and_head(self.language_model)
+            if parts is not None:
+                return self._labelled_loss_forward(*parts, inputs_embeds, labels, llm_kwargs)
+        return self.language_model(
+            inputs_embeds=inputs_embeds, labels=labels, logits_to_keep=logits_to_keep, **llm_kwargs
+        )
+
+    @staticmethod
+    def _labelled_loss_forward(
+        decoder: nn.Module, lm_head: nn.Module, inputs_embeds: torch.Tensor, labels: torch.Tensor, llm_kwargs: dict
+    ) -> CausalLMOutputWithPast:
+        """The LLM's decoder body, then the LM head and loss at the labelled positions; logits are only theirs."""
+        num_items_in_batch = llm_kwargs.pop("num_items_in_batch", None)
+        outputs = decoder(inputs_embeds=inputs_embeds, **llm_kwargs)
+        loss, logits = labelled_causal_lm_loss(outputs.last_hidden_state, labels, lm_head, num_items_in_batch)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME, None)},
         )
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):

@@ -32,6 +32,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 def one_line(error: BaseException) -> str:
     """The error's message on one line (line breaks inside it become ``"; "``)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 2 and lines[1].startswith("Original Traceback"):
+        # torch re-raises a DataLoader worker's error with the worker's traceback in the message; the error itself
+        # is the last line, "module.ErrorType: message".
+        lines = [lines[-1].partition(": ")[2] or lines[-1]]
     return "; ".join(lines) or type(error).__name__
 
 

@@ -131,3 +131,19 @@ def test_exit_status_0_on_success_and_2_with_one_line_on_a_user_error(name, tiny
     assert "Traceback" not in failed.stderr
     errors = [line for line in failed.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], failed.stderr[-3000:]
+
+
+def test_an_error_from_a_data_loader_worker_is_still_one_line():
+    from torch._utils import ExceptionWrapper
+
+    from comm.errors import UserError, one_line
+
+    try:
+        raise UserError("data.jsonl:3 (sample 2): unreadable_image: decoding cut.png failed")
+    except UserError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what a worker sends back
+    with pytest.raises(UserError) as raised:
+        wrapped.reraise()
+    assert "Traceback" in str(raised.value)
+    assert one_line(raised.value) == "data.jsonl:3 (sample 2): unreadable_image: decoding cut.png failed"
+    assert one_line(ValueError("first\n  second\n")) == "first; second"

@@ -221,11 +221,18 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         )
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        """Pass the images on the prefill step only; later steps read them from the KV cache."""
+        """Pass the images on the prefill step only; later steps read them from the KV cache.
+
+        Decode steps get the new tokens' embeddings instead of their ids: nothing image-related runs after the
+        prefill (no placeholder check, so no host sync and a step that compiles as one graph), and a generated
+        ``<im_patch>`` is just a token.
+        """
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in PIXEL_INPUTS:
                 inputs.pop(key, None)
+            if inputs.get("input_ids") is not None and inputs.get("inputs_embeds") is None:
+                inputs["inputs_embeds"] = self.get_input_embeddings()(inputs.pop("input_ids"))
         return inputs
 
 

@@ -2,7 +2,9 @@
 
 Prints ONE JSON line: ``{"benchmark": "batched_generation", "value": <speed ratio>, "unit": "x", ...}`` with a
 breakdown of where the time goes (image preprocessing, vision path, LLM decoding per step). Exits 1 when the
-batched predictions differ from the one-at-a-time ones.
+batched predictions differ from the one-at-a-time ones. ``cpu_fast_path`` times the two levers `generate_answers`
+turns on by default on CUDA only (static KV cache, prefetching the next batch's preprocessing) against its CPU
+default at half the batch size (two batches even with ``--quick``), and checks their answers are the same.
 
     python -m benchmarks.bench_batched_generation            # 32 prompts, best of 3 (after a warm-up pass)
     python -m benchmarks.bench_batched_generation --quick    # 16 prompts, once (after a warm-up pass)
@@ -53,6 +55,7 @@ def run_mode(
     questions: Sequence[str],
     batch_size: int,
     repeats: int,
+    **options: object,
 ) -> tuple[list[str], dict[str, float]]:
     """Generate ``NEW_TOKENS`` tokens for every prompt ``repeats`` times; the answers and the fastest run's timings."""
 
@@ -63,7 +66,7 @@ def run_mode(
         try:
             answers = generate_answers(
                 model, timed_processor, images, questions, batch_size=batch_size,  # type: ignore[arg-type]
-                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **options,
             )  # fmt: skip
         finally:
             restore()
@@ -108,6 +111,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     sequential_answers, sequential = run_mode(model, processor, images, questions, 1, repeats)
     batched_answers, batched = run_mode(model, processor, images, questions, BATCH_SIZE, repeats)
     identical = batched_answers == sequential_answers
+
+    half = max(1, BATCH_SIZE // 2)
+    modes = {"default": {}, "static_cache": {"cache_implementation": "static"}, "prefetch": {"prefetch": True}}
+    fast_runs = {}
+    for name, options in modes.items():
+        run_mode(model, processor, images, questions, half, 1, **options)
+        fast_runs[name] = run_mode(model, processor, images, questions, half, repeats, **options)
+    fast_identical = all(answers == fast_runs["default"][0] for answers, _ in fast_runs.values())
+    default_s = fast_runs["default"][1]["seconds"]
+    cpu_fast_path = {
+        "batch_size": half,
+        "seconds": {name: round(timings["seconds"], 4) for name, (_, timings) in fast_runs.items()},
+        "static_cache_speed": round(default_s / fast_runs["static_cache"][1]["seconds"], 3),
+        "prefetch_speed": round(default_s / fast_runs["prefetch"][1]["seconds"], 3),
+        "identical": fast_identical,
+    }
     result = {
         "benchmark": "batched_generation",
         "value": round(sequential["seconds"] / batched["seconds"], 3),
@@ -121,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sequential_items_per_s": round(items / sequential["seconds"], 3),
         "batched": {key: round(value, 4) for key, value in batched.items()},
         "sequential": {key: round(value, 4) for key, value in sequential.items()},
+        "cpu_fast_path": cpu_fast_path,
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "quick": args.quick,
@@ -129,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not identical:
         differing = sum(a != b for a, b in zip(batched_answers, sequential_answers))
         print(f"error: {differing} of {items} batched answers differ from the one-at-a-time ones", file=sys.stderr)
+        return 1
+    if not fast_identical:
+        print("error: the static cache or prefetching changed the answers", file=sys.stderr)
         return 1
     return 0
 

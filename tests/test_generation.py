@@ -1,15 +1,24 @@
-"""Generation: what decode steps run after the prefill."""
+"""The fast generation path (static KV cache, compiled decode step, prefetched preprocessing) answers as today's."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
+from transformers import CompileConfig
 
 from comm import CommForConditionalGeneration, CommProcessor
+from comm.generation import fast_generate_kwargs, generate_answers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-QUESTIONS = ["<image>\nWhat is this?"]
+QUESTIONS = [
+    "<image>\nWhat is this?",
+    "<image>\nDescribe the picture in a few words, please, and mention every colour you can see.",
+    "<image>\nhi",
+    "Where is the dog on the left side of the road? <image>",
+    "<image> Caption",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +30,34 @@ def tiny(tiny_model_dir) -> tuple[CommForConditionalGeneration, CommProcessor]:
 def images() -> list[Image.Image]:
     colours = [(200, 30, 30), (30, 30, 200), (20, 200, 20), (240, 240, 240), (10, 10, 10)]
     return [Image.new("RGB", (60 + 10 * i, 50), colour) for i, colour in enumerate(colours)]
+
+
+def test_fast_path_is_a_static_cache_on_cuda_only():
+    assert fast_generate_kwargs("cuda") == {"cache_implementation": "static"}
+    assert fast_generate_kwargs(torch.device("cuda", 0)) == {"cache_implementation": "static"}
+    assert fast_generate_kwargs("cpu") == {}
+
+
+def test_static_cache_compiled_decode_and_prefetch_answer_as_today(tiny):
+    """Left-padded batches of different prompt lengths: the same greedy answers from the CUDA default path (static
+    cache, decode step compiled as ONE graph: fullgraph fails on any graph break) and prefetching, here on the CPU."""
+    model, processor = tiny
+    today = generate_answers(model, processor, images(), QUESTIONS, batch_size=3, max_new_tokens=12, prefetch=False)
+    graphs = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    config = CompileConfig(fullgraph=True, backend=counting_backend, mode=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    fast = generate_answers(
+        model, processor, images(), QUESTIONS, batch_size=3, max_new_tokens=12, prefetch=True,
+        cache_implementation="static", compile_config=config,
+    )  # fmt: skip
+    assert graphs, "the decode step was not compiled"
+    assert fast == today
+    assert len(set(today)) > 1  # the answers depend on the inputs
 
 
 def test_a_generated_image_token_is_just_a_token(tiny):

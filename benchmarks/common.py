@@ -11,11 +11,14 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -225,6 +228,53 @@ class TokenCounter:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         output = self.original(*args, **kwargs)
         self.new_tokens.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Within the block, the peak bytes of tensor storages that ops created there and that are still alive.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated`` measured from a reset inside the block: tensors
+    that existed before (weights, optimizer state) are not counted, nor what the allocator keeps without a tensor
+    (a glibc heap's RSS does). Counts every op's fresh outputs (aliases and in-place results are not new memory),
+    autograd's saved tensors and gradients included; buffers a kernel frees before returning are not seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._alive: dict[int, weakref.ref] = {}
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._alive:
+            return
+        size = storage.nbytes()
+
+        def freed(_: object, key: int = key, size: int = size) -> None:
+            self.current -= size
+            self._alive.pop(key, None)
+
+        self._alive[key] = weakref.ref(storage, freed)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        output = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        outputs = output if isinstance(output, tuple) and len(returns) > 1 else (output,)
+        for schema, value in zip(returns, outputs):
+            if schema.alias_info is None:  # a view or an in-place/out= result aliases an existing tensor
+                for leaf in tree_leaves(value):
+                    if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                        self._track(leaf)
         return output
 
 

@@ -1,22 +1,36 @@
-"""Benchmark (GPU): one training step of the real towers + a ~1B LLaMA-architecture LLM in bf16, random weights.
+"""Benchmark (GPU): one training step of the real towers + a LLaMA-architecture LLM (1.3B, or 7B with LoRA), random
+weights, bf16.
 
 CLIP ViT-L/14-336 (24 layers merged) and DINOv2-L (19..24) frozen towers, LLN-Layerscale mergers, aligners and
-projector, and a LLaMA LLM of hidden 2048, 16 layers, 16 heads, intermediate 5504 (1.3B parameters with its 32000
-vocabulary). The model is built on the meta device and materialised with ``to_empty(device="cuda")`` and each
-sub-model's own init (no CPU init). What trains is set by the training code (`configure_trainable`, ``--tune all``).
+projector, and a LLaMA LLM: ``--llm 1b`` hidden 2048, 16 layers, 16 heads, intermediate 5504 (1.3B parameters with
+its 32000 vocabulary), or ``--llm 7b`` (LLaMA-2-7B shapes; with ``--lora R`` only LoRA adapters of rank R train in
+it). The model is built on the meta device and materialised with ``to_empty(device="cuda")`` and each sub-model's
+own init (no CPU init). What trains is set by the training code (`configure_trainable`, ``--tune all``).
 Step: forward + backward + `torch.optim.AdamW` step + ``zero_grad``, at ``--batch-size`` samples of ``--seq-len``
-LLM tokens (196 of them image tokens), no padding.
+LLM tokens (196 of them image tokens, a quarter of the text before them as prompt), no padding; the loss covers
+the answer after the image (``--seq-len 512``: 236 tokens, 46 %).
 
-Reports samples/s, peak memory (``torch.cuda.max_memory_allocated``) and model FLOPs utilisation:
-``6 x trainable LLM params (input embedding excluded) x LLM tokens + 6 x trainable vision-side params x 196 x images
-+ 2 x tower params x tower tokens x images`` (the frozen towers run forward only; attention score FLOPs are not
-counted), divided by ``--peak-tflops`` (default 989: H100 SXM bf16 dense).
+The levers, each a switch so that one run measures it: ``--precision amp|bf16`` (fp32 weights + bf16 autocast, or
+bf16 weights and AdamW state), ``--activation-checkpointing`` (the LLM's layers), ``--loss labelled|full`` (LM head
+and cross-entropy at the labelled positions only, the model's default, or the LLM's own full-logits loss),
+``--optimizer foreach|fused`` (torch's AdamW implementations), ``--compile`` (``torch.compile`` of each LLM decoder
+layer), ``--attn sdpa|flash_attention_2``.
+
+Reports samples/s, peak memory (``torch.cuda.max_memory_allocated``) and model FLOPs utilisation: model FLOPs per
+step / step time / ``--peak-tflops`` (default 989: H100 SXM and H200 bf16 dense). Model FLOPs: the LLM's forward
+(2 x its matmul params, i.e. all but the input embedding, x LLM tokens), the backward to its input (the same again:
+the projector below trains) and its weight gradients (2 x trainable matmul params x tokens), so 6 x params x tokens
+when all of it trains and 4 x params (+ 2 x adapters) under LoRA; + 6 x trainable vision-side params x 196 x images
++ 2 x tower params x tower tokens x images (forward only); attention score FLOPs are not counted. ``mfu`` counts the
+LM head at every position (the usual convention, as before the labelled loss existed); ``mfu_head_labelled``
+counts it only where the loss needs it.
 
 Prints ONE JSON line ``{"benchmark": "train_gpu", "value": <samples/s>, "unit": "samples/s", "mfu": ...}``; without a
 CUDA device it prints ``{"benchmark": "train_gpu", "skipped": "no CUDA device", ...}`` and exits 0.
 
     python -m benchmarks.bench_train_gpu --attn sdpa
-    python -m benchmarks.bench_train_gpu --attn flash_attention_2
+    python -m benchmarks.bench_train_gpu --precision bf16 --activation-checkpointing --optimizer fused
+    python -m benchmarks.bench_train_gpu --llm 7b --lora 128 --precision bf16
     python -m benchmarks.bench_train_gpu --smoke-cpu     # the same code on tiny shapes on the CPU (a check, no figure)
 """
 
@@ -30,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from benchmarks.common import (
+    LLAMA_7B,
     build_on_meta,
     count_parameters,
     finish,
@@ -57,8 +72,13 @@ LLAMA_1B = {
 }
 
 
-def make_config(attn: str, smoke: bool) -> CommConfig:
-    """The benchmark's `CommConfig` (real towers + 1B LLM, or tiny shapes with ``smoke``); LLM attention ``attn``."""
+LLMS = {"1b": LLAMA_1B, "7b": LLAMA_7B}
+MODEL_NAMES = {"1b": "1.3B (h2048 x16)", "7b": "2-7B shapes (h4096 x32)"}
+
+
+def make_config(attn: str, smoke: bool, llm: str = "1b") -> CommConfig:
+    """The benchmark's `CommConfig` (real towers + the ``llm`` shapes, or tiny shapes with ``smoke``); LLM attention
+    ``attn``."""
     from transformers import LlamaConfig
 
     from comm import CommConfig
@@ -66,7 +86,7 @@ def make_config(attn: str, smoke: bool) -> CommConfig:
     if smoke:
         config = CommConfig.tiny(vocab_size=VOCAB)
     else:
-        config = CommConfig(text_config=LlamaConfig(vocab_size=VOCAB, **LLAMA_1B))
+        config = CommConfig(text_config=LlamaConfig(vocab_size=VOCAB, **LLMS[llm]))
     config.image_token_index = VOCAB - 1
     # The towers keep SDPA (PyTorch picks its flash kernel on Hopper); the LLM gets the requested implementation.
     config._attn_implementation = {"": "sdpa", "clip_config": "sdpa", "dino_config": "sdpa", "text_config": attn}
@@ -108,20 +128,29 @@ def make_batch(
     }
 
 
-def model_flops_per_step(model: CommForConditionalGeneration, batch_size: int, seq_len: int) -> dict[str, float]:
-    """Model FLOPs of one training step, by part (see the module docstring)."""
+def model_flops_per_step(
+    model: CommForConditionalGeneration, batch_size: int, seq_len: int, head_positions: int
+) -> dict[str, float]:
+    """Model FLOPs of one training step, by part (see the module docstring); the LM head at ``head_positions``
+    positions per sample."""
     llm = model.language_model
-    llm_trainable = count_parameters(llm, trainable=True)
     embedding = llm.get_input_embeddings().weight
-    if embedding.requires_grad:
-        llm_trainable -= embedding.numel()  # a lookup, not a matmul
+    head = llm.get_output_embeddings()
+    head_params = count_parameters(head)
+    head_trainable = count_parameters(head, trainable=True)
+    body_params = count_parameters(llm) - embedding.numel() - head_params
+    body_trainable = count_parameters(llm, trainable=True) - embedding.numel() * embedding.requires_grad
+    body_trainable -= head_trainable
+    tokens, head_tokens = batch_size * seq_len, batch_size * head_positions
     vision_trainable = sum(count_parameters(m, trainable=True) for m in model.trainable_vision_modules().values())
     images = batch_size
     towers = 0
     for tower in (model.clip_tower, model.dino_tower):
         towers += 2 * count_parameters(tower) * (tower.num_patches + 1) * images
     parts = {
-        "llm": 6.0 * llm_trainable * batch_size * seq_len,
+        # forward + backward to the input (4 x params), weight gradients (2 x trainable params)
+        "llm_body": float((4 * body_params + 2 * body_trainable) * tokens),
+        "lm_head": float((4 * head_params + 2 * head_trainable) * head_tokens),
         "vision_trainable": 6.0 * vision_trainable * model.config.grid_size**2 * images,
         "towers_forward": float(towers),
     }
@@ -129,26 +158,51 @@ def model_flops_per_step(model: CommForConditionalGeneration, batch_size: int, s
     return parts
 
 
-def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str, Any]:
-    """Build, warm up and time the training step; returns the result fields."""
+def trainable_setup(model: CommForConditionalGeneration, lora: int) -> None:
+    """What trains, set by the training code: everything but the towers, or LoRA adapters of rank ``lora`` in the LLM
+    (LLaVA's alpha = 2 x rank, dropout 0.05) and the vision-side modules."""
     from comm.training.arguments import ModelArguments
     from comm.training.train import configure_trainable
 
-    config = make_config(args.attn, smoke)
+    if lora:
+        configure_trainable(model, ModelArguments(lora_r=lora, lora_alpha=2 * lora, lora_dropout=0.05))
+    else:
+        configure_trainable(model, ModelArguments(tune="all"))
+
+
+def compile_llm_layers(model: CommForConditionalGeneration, backend: str) -> int:
+    """``torch.compile`` each decoder layer of the LLM in place (one compiled code for the identical layers, and no
+    graph break from the mask and cache logic around them); returns the number of layers compiled."""
+    from comm.model.loss import decoder_and_head
+
+    parts = decoder_and_head(model.language_model)
+    if parts is None or not hasattr(parts[0], "layers"):
+        raise ValueError("--compile needs an LLM whose decoder has .layers")
+    for layer in parts[0].layers:
+        layer.compile(backend=backend)
+    return len(parts[0].layers)
+
+
+def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Build, warm up and time the training step; returns the result fields."""
+    config = make_config(args.attn, smoke, args.llm)
     weights_dtype = torch.float32 if args.precision == "amp" else torch.bfloat16
     build_start = time.perf_counter()
     model = build_on_meta(config, device, weights_dtype, seed=args.seed)
     synchronize(device)
     build_s = time.perf_counter() - build_start
-    configure_trainable(model, ModelArguments(tune="all"))
+    trainable_setup(model, args.lora)
+    model.labelled_logits_only = args.loss == "labelled"
     if args.activation_checkpointing:
         model.language_model.activation_checkpointing_enable()
+    compiled_layers = compile_llm_layers(model, args.compile_backend) if args.compile else 0
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, **{args.optimizer: True})
     batch_size = args.batch_size if not smoke else 2
     seq_len = args.seq_len if not smoke else config.num_image_tokens + 33
     batch = make_batch(config, batch_size, seq_len, device, weights_dtype, args.seed)
+    head_positions = int((batch["labels"][0, 1:] != -100).sum())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "amp")
 
     def step() -> float:
@@ -170,12 +224,14 @@ def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str
     synchronize(device)
     seconds = time.perf_counter() - start
     step_s = seconds / steps
-    flops = model_flops_per_step(model, batch_size, seq_len)
+    flops = model_flops_per_step(model, batch_size, seq_len, head_positions=seq_len)
+    flops_labelled = model_flops_per_step(model, batch_size, seq_len, head_positions=head_positions)
     achieved = flops["total"] / step_s
     fields: dict[str, Any] = {
         "value": round(batch_size / step_s, 3),
         "unit": "samples/s",
         "mfu": round(achieved / (args.peak_tflops * 1e12), 4),
+        "mfu_head_labelled": round(flops_labelled["total"] / step_s / (args.peak_tflops * 1e12), 4),
         "achieved_tflops": round(achieved / 1e12, 2),
         "peak_tflops": args.peak_tflops,
         "step_s": round(step_s, 4),
@@ -191,6 +247,8 @@ def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str
         "batch_size": batch_size,
         "seq_len": seq_len,
         "image_tokens": config.num_image_tokens,
+        "labelled_positions_per_sample": head_positions,
+        "compiled_layers": compiled_layers,
         "steps": steps,
         "warmup": args.warmup,
         "build_s": round(build_s, 1),
@@ -213,6 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="amp: fp32 weights + bf16 autocast (comm-train --bf16 on one GPU); bf16: bf16 weights and AdamW "
         "states (DeepSpeed bf16's compute, without its fp32 master copy)",
     )
+    parser.add_argument("--llm", choices=sorted(LLMS), default="1b", help="LLM shapes: 1b (default) or 7b (LLaMA-2-7B)")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on the LLM (default 0: all of it trains)")
+    parser.add_argument("--loss", choices=["labelled", "full"], default="labelled",
+                        help="LM head + loss at the labelled positions only (the default) or everywhere")  # fmt: skip
+    parser.add_argument("--optimizer", choices=["foreach", "fused"], default="foreach",
+                        help="torch AdamW implementation (default foreach: --optim adamw_torch on GPU)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder layer")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per step (default 16, LLaVA's per GPU)")
     parser.add_argument("--seq-len", type=int, default=512, help="LLM tokens per sample, 196 image tokens included")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10, 4 with --quick)")
@@ -227,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1) or args.peak_tflops <= 0:
         parser.error("need --batch-size >= 1, --warmup >= 0, --steps >= 1 and --peak-tflops > 0")
+    if args.lora < 0:
+        parser.error("--lora must be >= 0")
     set_threads(args.threads)
 
     device = gpu_device(BENCHMARK, args, parser)
@@ -243,7 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "attn": args.attn,
         "precision": args.precision,
         "activation_checkpointing": args.activation_checkpointing,
-        "model": "tiny (smoke check)" if args.smoke_cpu else "CLIP ViT-L/14-336 + DINOv2-L + LLaMA 1.3B (h2048 x16)",
+        "loss": args.loss,
+        "optimizer": args.optimizer,
+        "compile": args.compile,
+        "llm": args.llm,
+        "lora": args.lora,
+        "model": "tiny (smoke check)" if args.smoke_cpu else f"ViT-L/14-336 + DINOv2-L + LLaMA {MODEL_NAMES[args.llm]}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "smoke": args.smoke_cpu,
     }

@@ -115,7 +115,8 @@ def gpu_device(benchmark: str, args: argparse.Namespace, parser: argparse.Argume
     """The device a GPU benchmark runs on (the CPU with ``--smoke-cpu``), or None once its skip line is printed."""
     if args.smoke_cpu:
         if args.attn != "sdpa":
-            parser.error("--smoke-cpu runs with --attn sdpa (flash-attention needs CUDA)")
+            skip_gpu(benchmark, "flash-attention needs CUDA (--smoke-cpu runs with --attn sdpa)", args)
+            return None
         return torch.device("cpu")
     if not torch.cuda.is_available():
         skip_gpu(benchmark, "no CUDA device", args)
@@ -217,16 +218,21 @@ def timed_method(owner: Any, name: str, totals: dict[str, float]) -> Callable[[]
 
 
 class TokenCounter:
-    """Wrap ``model.generate`` to record how many new tokens each call produced (to check the fixed length)."""
+    """Wrap ``model.generate`` to record how many new tokens each call produced (to check the fixed length) and
+    the seconds spent in it (GPU work waited for): generation alone, without preprocessing."""
 
     def __init__(self, model: Any):
         self.model = model
         self.original = model.generate
         self.new_tokens: list[int] = []
+        self.seconds = 0.0
         model.generate = self  # generate_answers calls model.generate(**inputs, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        start = time.perf_counter()
         output = self.original(*args, **kwargs)
+        synchronize(output.device)
+        self.seconds += time.perf_counter() - start
         self.new_tokens.append(output.shape[1] - kwargs["input_ids"].shape[1])
         return output
 

@@ -52,6 +52,12 @@ DETAILS = {
         "stage_ms_per_image",
     ),
     "padding": ("random.fraction", "group_by_length.fraction", "sorted_lower_bound", "length_tokens.median"),
+    "labelled_logits": (
+        "settings.fp32.loss_step_ratio",
+        "settings.bf16.loss_step_ratio",
+        "settings.bf16_checkpointing.training_step_ratio",
+        "settings.bf16_checkpointing.loss_step_speedup",
+    ),
     "train_gpu": ("mfu", "peak_memory_gib", "attn"),
     "generation_gpu": ("samples_per_s", "attn"),
 }

@@ -1,5 +1,5 @@
-"""Box maths in one place: normalisation to the square the towers see (padded or centre-cropped), Shikra's text
-format, parsing, IoU."""
+"""Box maths in one place: normalisation to the square the towers see (padded or centre-cropped), the box text
+format (Shikra's 3 decimals by default), parsing, IoU."""
 
 from __future__ import annotations
 
@@ -82,9 +82,20 @@ def overlaps_unit_square(box: Sequence[float]) -> bool:
     return x0 < 1 and y0 < 1 and x1 > 0 and y1 > 0
 
 
-def format_box(box: Sequence[float]) -> str:
-    """Write a normalised box in Shikra's text format, ``[x0,y0,x1,y1]`` with 3 decimals."""
-    return "[" + ",".join(f"{min(max(float(v), 0.0), 1.0):.3f}" for v in box) + "]"
+SHIKRA_DECIMALS = 3  # "[0.123,0.456,0.789,0.999]"; LLaVA-1.5 writes 2 ("[0.12,0.46,0.79,1.00]")
+
+
+def check_box_decimals(decimals: int) -> int:
+    """``decimals`` when it is a whole number from 1 to 6, else ValueError naming it."""
+    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 1 <= decimals <= 6:
+        raise ValueError(f"box_decimals must be a whole number from 1 to 6, got {decimals!r}")
+    return decimals
+
+
+def format_box(box: Sequence[float], decimals: int = SHIKRA_DECIMALS) -> str:
+    """A normalised box as text, ``[x0,y0,x1,y1]`` with ``decimals`` decimals (3: Shikra's), clipped to [0, 1]."""
+    check_box_decimals(decimals)
+    return "[" + ",".join(f"{min(max(float(v), 0.0), 1.0):.{decimals}f}" for v in box) + "]"
 
 
 def parse_boxes(text: str) -> list[Box]:

@@ -15,6 +15,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from comm.boxes import SHIKRA_DECIMALS
+from comm.conversation import ConversationTemplate
 from comm.model.configuration import CommConfig
 from comm.model.modeling import CommForConditionalGeneration
 from comm.model.towers import truncated_tower_config
@@ -76,8 +78,13 @@ def build_processor(
     model_max_length: int | None = None,
     pad_color: tuple[int, int, int] = (255, 255, 255),
     pad_to_square: bool = True,
+    template: ConversationTemplate | None = None,
+    box_decimals: int = SHIKRA_DECIMALS,
 ) -> CommProcessor:
-    """A processor for ``config``'s towers; ``tokenizer`` must already carry the image tokens."""
+    """A processor for ``config``'s towers; ``tokenizer`` must already carry the image tokens.
+
+    ``template`` (default Vicuna v1.1) and ``box_decimals`` (default 3) are saved with it (see `CommProcessor`).
+    """
     return CommProcessor(
         tokenizer,
         default_image_processor("clip", clip_path, config.clip_config.image_size),
@@ -86,6 +93,8 @@ def build_processor(
         pad_color=pad_color,
         model_max_length=model_max_length,
         pad_to_square=pad_to_square,
+        template=template,
+        box_decimals=box_decimals,
     )
 
 
@@ -97,13 +106,16 @@ def build_from_components(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     model_max_length: int | None = None,
+    template: ConversationTemplate | None = None,
+    box_decimals: int = SHIKRA_DECIMALS,
     **config_fields,
 ) -> tuple[CommForConditionalGeneration, CommProcessor]:
     """Load pretrained towers and LLM (hub names or local folders) into a fresh COMM model and processor.
 
     The mergers, aligners and projection start from random init; the towers are frozen; the image tokens
     are added to the tokenizer and their embeddings start at the mean of the existing ones.
-    ``config_fields`` set `CommConfig` fields (``clip_layers``, ``grid_size``, ``concat``...).
+    ``template`` and ``box_decimals`` go to the processor (`build_processor`); ``config_fields`` set `CommConfig`
+    fields (``clip_layers``, ``grid_size``, ``concat``...).
     """
     clip_config = AutoConfig.from_pretrained(clip)
     if getattr(clip_config, "vision_config", None) is not None:  # a full CLIP checkpoint: keep its vision half
@@ -137,7 +149,9 @@ def build_from_components(
         module.apply(model._init_weights)
     model.freeze_towers()
     resize_embeddings_with_mean(model, len(tokenizer))
-    processor = build_processor(tokenizer, config, clip, dino, model_max_length=model_max_length)
+    processor = build_processor(
+        tokenizer, config, clip, dino, model_max_length=model_max_length, template=template, box_decimals=box_decimals
+    )
     return model, processor
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -32,7 +34,7 @@ class RenderedConversation:
 class ConversationTemplate:
     """A two-role chat template in the FastChat ``SeparatorStyle.TWO`` style (Vicuna v1.1).
 
-    ``SYSTEM USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>``
+    ``SYSTEM USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>``; with ``system=""`` the text starts at ``USER:``.
     """
 
     system: str = VICUNA_SYSTEM
@@ -41,13 +43,34 @@ class ConversationTemplate:
     sep: str = " "
     end_of_turn: str = "</s>"
 
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]) -> ConversationTemplate:
+        """A template from its saved fields (`to_dict`); a field left out keeps its Vicuna v1.1 default."""
+        if not isinstance(settings, Mapping):
+            raise ValueError(f"a conversation template must be a dict of its fields, got {type(settings).__name__}")
+        names = {field.name for field in fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ValueError(f"unknown conversation template field(s) {unknown}; known: {sorted(names)}")
+        wrong = [name for name, value in settings.items() if not isinstance(value, str)]
+        if wrong:
+            raise ValueError(f"conversation template field(s) {wrong} must be strings")
+        return cls(**settings)
+
+    def to_dict(self) -> dict[str, str]:
+        """The fields as a JSON-ready dict (saved with the processor)."""
+        return asdict(self)
+
+    def _start(self) -> str:
+        return self.system + self.sep if self.system else ""
+
     def render(self, turns: Sequence[tuple[str, str]]) -> RenderedConversation:
         """Render ``(question, answer)`` turns; each answer (with the space before it) is a target span.
 
         The space after ``ASSISTANT:`` belongs to the answer because SentencePiece tokenizers glue it to the
         first word ("▁Yes"), so no token straddles a prompt/answer boundary.
         """
-        text = self.system + self.sep
+        text = self._start()
         spans = []
         for question, answer in turns:
             text += f"{self.user_role}: {question}{self.sep}{self.assistant_role}:"
@@ -58,8 +81,45 @@ class ConversationTemplate:
 
     def prompt(self, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
         """The text the model continues to answer ``question`` after ``history``."""
-        prefix = self.render(history).text if history else self.system + self.sep
+        prefix = self.render(history).text if history else self._start()
         return f"{prefix}{self.user_role}: {question}{self.sep}{self.assistant_role}:"
+
+    def chat_template(self) -> str:
+        """This template as a transformers Jinja chat template (what ``apply_chat_template`` renders).
+
+        Messages are ``{"role": "system" | "user" | "assistant", "content": str | [{"type": "image"}, {"type":
+        "text", "text": ...}]}``; a first system message replaces `system`; in a message, each image becomes
+        ``<image>\\n`` in front of the text (as `with_image` puts it). With ``add_generation_prompt=True`` the
+        result equals `prompt`, without it a conversation ending on a reply equals `render`'s text.
+        """
+        literal = {name: json.dumps(value) for name, value in self.to_dict().items()}
+        image = json.dumps(f"{IMAGE_PLACEHOLDER}\n")
+        return (
+            f"{{%- set system = {literal['system']} -%}}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set content = messages[0]['content'] -%}"
+            "{%- set system = content if content is string "
+            "else content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+            "{%- set messages = messages[1:] -%}"
+            "{%- endif -%}"
+            f"{{%- if system -%}}{{{{ system + {literal['sep']} }}}}{{%- endif -%}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
+            "{{ raise_exception('roles must alternate user, assistant, user... (after an optional system message)') }}"
+            "{%- endif -%}"
+            "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+            "{%- else -%}"
+            f"{{%- set text = {image} * (message['content'] | selectattr('type', 'equalto', 'image') | list | length)"
+            " + message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+            "{%- endif -%}"
+            "{%- if message['role'] == 'user' -%}"
+            f"{{{{ {literal['user_role']} + ': ' + text + {literal['sep']} }}}}"
+            "{%- else -%}"
+            f"{{{{ {literal['assistant_role']} + ': ' + text + {literal['end_of_turn']} }}}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {literal['assistant_role']} + ':' }}}}{{%- endif -%}}"
+        )
 
 
 VICUNA_V1 = ConversationTemplate()

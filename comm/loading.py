@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from comm.model.modeling import CommForConditionalGeneration
-from comm.processing import CLIP_SUBFOLDER, DINO_SUBFOLDER, PROCESSOR_CONFIG, CommProcessor
+from comm.processing import (
+    HUB_ID,
+    IMAGE_PROCESSOR_ATTRIBUTES,
+    LEGACY_IMAGE_PROCESSOR_CONFIG,
+    LEGACY_SUBFOLDERS,
+    PROCESSOR_CONFIG,
+    CommProcessor,
+)
 
 MODEL_CONFIG = "config.json"
 WEIGHT_FILES = (
@@ -19,8 +25,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -70,6 +74,26 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return torch.float32
 
 
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON ({error})") from None
+
+
+def _missing_image_processors(path: Path) -> list[str]:
+    """The image processors neither in ``processor_config.json`` nor in an older folder's subfolders."""
+    settings = _read_json(path / PROCESSOR_CONFIG)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path / PROCESSOR_CONFIG} is not a JSON object")
+    return [
+        f"{attribute} in {PROCESSOR_CONFIG}"
+        for attribute in IMAGE_PROCESSOR_ATTRIBUTES
+        if attribute not in settings
+        and not (path / LEGACY_SUBFOLDERS[attribute] / LEGACY_IMAGE_PROCESSOR_CONFIG).is_file()
+    ]
+
+
 def check_model_folder(folder: str | Path, require_weights: bool = True) -> Path:
     """Raise a clear error naming ``folder`` and what it lacks unless it holds a complete COMM model + processor.
 
@@ -83,13 +107,9 @@ def check_model_folder(folder: str | Path, require_weights: bool = True) -> Path
         raise FileNotFoundError(f"model folder not found: {path}")
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is a file, not a model folder")
-    required = [
-        MODEL_CONFIG,
-        PROCESSOR_CONFIG,
-        f"{CLIP_SUBFOLDER}/{IMAGE_PROCESSOR_CONFIG}",
-        f"{DINO_SUBFOLDER}/{IMAGE_PROCESSOR_CONFIG}",
-    ]
-    missing = [name for name in required if not (path / name).is_file()]
+    missing = [name for name in (MODEL_CONFIG, PROCESSOR_CONFIG) if not (path / name).is_file()]
+    if PROCESSOR_CONFIG not in missing:
+        missing += _missing_image_processors(path)
     if require_weights and not any((path / name).is_file() for name in WEIGHT_FILES):
         missing.append(" or ".join(WEIGHT_FILES[:2]) + " (the weights)")
     if missing:
@@ -116,7 +136,7 @@ def resolve_model_folder(path_or_name: str | Path) -> Path:
     """
     path = Path(path_or_name)
     name = str(path_or_name)
-    if path.exists() or not _REPO_ID.match(name):
+    if path.exists() or not HUB_ID.match(name):
         return check_model_folder(path)
     from huggingface_hub import snapshot_download
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from comm.boxes import Box
-from comm.conversation import CAPTION_PROMPT, IMAGE_PLACEHOLDER, VICUNA_V1, ConversationTemplate, rec_prompt, with_image
+from comm.conversation import CAPTION_PROMPT, IMAGE_PLACEHOLDER, ConversationTemplate, rec_prompt, with_image
 from comm.generation import generate_answers
 from comm.grounding import Grounding
 from comm.images import ImageInput, load_image
@@ -104,19 +104,14 @@ class CommPipeline:
     ['A man riding a bike down a city street.']
     """
 
-    def __init__(
-        self,
-        model: CommForConditionalGeneration,
-        processor: CommProcessor,
-        template: ConversationTemplate = VICUNA_V1,
-    ):
-        """Wrap a loaded model and its processor (``model`` is put in eval mode).
+    def __init__(self, model: CommForConditionalGeneration, processor: CommProcessor):
+        """Wrap a loaded model and its processor (``model`` is put in eval mode); prompts follow the processor's
+        conversation template (``processor.template``).
 
         >>> pipe = CommPipeline(model, processor)  # doctest: +SKIP
         """
         self.model = model.eval()
         self.processor = processor
-        self.template = template
 
     @classmethod
     def from_pretrained(
@@ -148,6 +143,11 @@ class CommPipeline:
     def dtype(self) -> torch.dtype:
         """The model's dtype."""
         return self.model.dtype
+
+    @property
+    def template(self) -> ConversationTemplate:
+        """How prompts are rendered: the processor's conversation template."""
+        return self.processor.template
 
     def _check_questions(self, questions: Sequence[str]) -> None:
         """Each question holds one image placeholder and its prompt fits the model's context."""

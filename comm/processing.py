@@ -1,10 +1,12 @@
-"""`CommProcessor`: images and text to model inputs (padded square, per-tower resize/normalise, tokens)."""
+"""`CommProcessor`: images and text to model inputs (padded square, per-tower resize/normalise, tokens), a
+transformers `ProcessorMixin` that `AutoProcessor` loads once ``comm`` is imported."""
 
 from __future__ import annotations
 
-import json
+import os
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +14,18 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import (
-    AutoTokenizer,
+    AutoProcessor,
     BatchFeature,
     BitImageProcessorPil,
     CLIPImageProcessorPil,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 
-from comm.boxes import square_padding
-from comm.conversation import IMAGE_PLACEHOLDER
+from comm.boxes import SHIKRA_DECIMALS, check_box_decimals, square_padding
+from comm.conversation import IMAGE_PLACEHOLDER, VICUNA_V1, ConversationTemplate
 from comm.images import ImageInput, load_image
+from comm.model.configuration import CommConfig
 from comm.model.modeling import PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO
 
 IMAGE_PATCH_TOKEN = "<im_patch>"
@@ -30,8 +34,14 @@ IMAGE_END_TOKEN = "<im_end>"
 IMAGE_TOKENS = (IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN)
 
 PROCESSOR_CONFIG = "processor_config.json"
-CLIP_SUBFOLDER = "image_processor_clip"
-DINO_SUBFOLDER = "image_processor_dino"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# The two image processors are saved inside processor_config.json under their attribute names; folders written
+# before CommProcessor was a ProcessorMixin keep them in these subfolders instead (still loaded).
+IMAGE_PROCESSOR_ATTRIBUTES = ("clip_image_processor", "dino_image_processor")
+LEGACY_SUBFOLDERS = {"clip_image_processor": "image_processor_clip", "dino_image_processor": "image_processor_dino"}
+LEGACY_IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+# A Hugging Face Hub id (owner/name) that is not a local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # OpenAI CLIP and ImageNet (DINOv2) normalisation constants.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -84,7 +94,7 @@ def tower_image_processor(kind: str, size: int, base: Any | None = None, pad_to_
     return processor
 
 
-class CommProcessor:
+class CommProcessor(ProcessorMixin):
     """Turn PIL images and text into COMM inputs: ``input_ids``, ``attention_mask``, ``pixel_values_clip``,
     ``pixel_values_dino``.
 
@@ -93,27 +103,45 @@ class CommProcessor:
     (the Shikra/COMM recipe). With ``pad_to_square=False`` each tower resizes the shortest edge and crops the
     centre instead, as OpenAI's CLIP and LLaVA-1.5's ``--image_aspect_ratio`` none do; boxes then refer to that
     centre square (`comm.boxes.visible_square`). The tower processors are set up for the mode (`set_tower_resize`).
+
+    ``template`` (a `ConversationTemplate`, default Vicuna v1.1) is how conversations are rendered for training,
+    generation and evaluation; it is saved with the processor, also as the Jinja ``chat_template`` that
+    ``apply_chat_template`` renders. ``box_decimals`` is how many decimals training targets write per box
+    coordinate (3: Shikra's ``[0.123,...]``, 2: LLaVA-1.5's ``[0.12,...]``).
     """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        clip_image_processor,
-        dino_image_processor,
+        clip_image_processor: Any,
+        dino_image_processor: Any,
         num_image_tokens: int,
         pad_color: Sequence[int] = (255, 255, 255),
         model_max_length: int | None = None,
         pad_to_square: bool = True,
+        template: ConversationTemplate | Mapping[str, str] | None = None,
+        box_decimals: int = SHIKRA_DECIMALS,
+        chat_template: str | None = None,
     ):
-        self.tokenizer = tokenizer
-        self.clip_image_processor = clip_image_processor
-        self.dino_image_processor = dino_image_processor
         self.num_image_tokens = int(num_image_tokens)
         self.pad_color = tuple(int(c) for c in pad_color)
         self.model_max_length = model_max_length
         if not isinstance(pad_to_square, bool):
             raise TypeError(f"pad_to_square must be True or False, got {pad_to_square!r}")
         self.pad_to_square = pad_to_square
+        if template is None:
+            template = VICUNA_V1
+        elif not isinstance(template, ConversationTemplate):
+            template = ConversationTemplate.from_dict(template)
+        self.template = template
+        self.box_decimals = check_box_decimals(box_decimals)
+        # The template's fields are the one source: the Jinja text is written from them for transformers users.
+        if chat_template is not None and chat_template != template.chat_template():
+            raise ValueError(
+                f"the chat template ({CHAT_TEMPLATE_FILE}) is not the one the processor's template fields give: "
+                f"change the 'template' fields in {PROCESSOR_CONFIG} instead (training and generation render with them)"
+            )
+        super().__init__(tokenizer, clip_image_processor, dino_image_processor, chat_template=template.chat_template())
         for image_processor in (clip_image_processor, dino_image_processor):
             set_tower_resize(image_processor, tower_input_size(image_processor), pad_to_square)
         missing = [t for t in IMAGE_TOKENS if t not in tokenizer.get_vocab()]
@@ -217,36 +245,54 @@ class CommProcessor:
         kwargs.setdefault("skip_special_tokens", True)
         return self.tokenizer.decode(ids, **kwargs)
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write the tokenizer, both image processors and ``processor_config.json`` into ``save_directory``."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder)
-        self.clip_image_processor.save_pretrained(folder / CLIP_SUBFOLDER)
-        self.dino_image_processor.save_pretrained(folder / DINO_SUBFOLDER)
-        settings = {
-            "processor_class": type(self).__name__,
-            "num_image_tokens": self.num_image_tokens,
-            "pad_color": list(self.pad_color),
-            "model_max_length": self.model_max_length,
-            "pad_to_square": self.pad_to_square,
-        }
-        (folder / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    @property
+    def model_input_names(self) -> list[str]:
+        """The inputs `__call__` returns (the model's names for the two towers' pixels)."""
+        return ["input_ids", "attention_mask", PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings saved in ``processor_config.json`` (the template as its fields)."""
+        output = super().to_dict()
+        output["template"] = self.template.to_dict()
+        return output
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **overrides) -> CommProcessor:
-        """Load a processor written by `save_pretrained` (a model folder or a training export)."""
-        path = Path(folder)
-        config_file = path / PROCESSOR_CONFIG
-        if not config_file.is_file():
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs) -> list:
+        """The tokenizer and both image processors, always the PIL backends (the pixels do not depend on whether
+        torchvision is installed); a folder written before ``processor_config.json`` held them has subfolders."""
+        processor_dict = processor_dict or {}
+        subfolder = kwargs.pop("subfolder", "")
+        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder, **kwargs)
+        image_processors = []
+        for attribute, pil_class in zip(IMAGE_PROCESSOR_ATTRIBUTES, (CLIPImageProcessorPil, BitImageProcessorPil)):
+            legacy = Path(pretrained_model_name_or_path, subfolder, LEGACY_SUBFOLDERS[attribute])
+            if isinstance(processor_dict.get(attribute), dict):
+                image_processors.append(pil_class(**processor_dict[attribute]))
+            elif (legacy / LEGACY_IMAGE_PROCESSOR_CONFIG).is_file():
+                image_processors.append(pil_class.from_pretrained(legacy))
+            else:
+                raise ValueError(f"{pretrained_model_name_or_path}: {PROCESSOR_CONFIG} has no {attribute} settings")
+        return [tokenizer, *image_processors]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> CommProcessor:
+        """Load a processor written by ``save_pretrained`` (a model folder, a training export or a hub id).
+
+        Keyword arguments that name a setting (``model_max_length``, ``pad_to_square``, ``template``,
+        ``box_decimals``...) replace the saved one; a folder saved without ``template``/``box_decimals`` (before
+        they existed) gets Vicuna v1.1 and 3.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if (path.exists() or not HUB_ID.match(str(pretrained_model_name_or_path))) and not (
+            path / PROCESSOR_CONFIG
+        ).is_file():
             raise FileNotFoundError(f"{path} has no {PROCESSOR_CONFIG}: not a COMM processor/model folder")
-        settings = json.loads(config_file.read_text())
-        settings.pop("processor_class", None)
-        settings.update(overrides)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        clip = CLIPImageProcessorPil.from_pretrained(path / CLIP_SUBFOLDER)
-        dino = BitImageProcessorPil.from_pretrained(path / DINO_SUBFOLDER)
-        return cls(tokenizer, clip, dino, **settings)
+        if "template" in kwargs:
+            kwargs["chat_template"] = None  # the saved chat template is the saved template's: written anew
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+AutoProcessor.register(CommConfig, CommProcessor, exist_ok=True)
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:

@@ -14,11 +14,20 @@ from comm.boxes import (
     validate_pixel_box,
     xywh_to_xyxy,
 )
-from comm.conversation import VICUNA_V1, rec_prompt, with_image
+from comm.conversation import VICUNA_V1, ConversationTemplate, rec_prompt, with_image
 
 
 def test_format_has_three_decimals_and_clips():
     assert format_box((0.1, 0.25, 0.6666, 1.2)) == "[0.100,0.250,0.667,1.000]"
+
+
+def test_format_with_other_precisions():
+    assert format_box((0.1, 0.25, 0.6666, 1.2), decimals=2) == "[0.10,0.25,0.67,1.00]"  # LLaVA-1.5's precision
+    assert parse_box(format_box((0.1, 0.25, 0.6666, 1.0), decimals=2)) == pytest.approx((0.1, 0.25, 0.67, 1.0))
+    assert parse_box("[0.24, 0.13, 0.61, 0.98]") == pytest.approx((0.24, 0.13, 0.61, 0.98))  # LLaVA-665K's text
+    for bad in (0, 7, 2.0, True):
+        with pytest.raises(ValueError, match="box_decimals must be a whole number from 1 to 6"):
+            format_box((0, 0, 1, 1), decimals=bad)
 
 
 def test_format_parse_roundtrip():
@@ -83,6 +92,19 @@ def test_vicuna_template_and_target_spans():
     )
     assert rendered.targets() == [" A cat.</s>", " [0.1,0.2,0.3,0.4]</s>"]
     assert VICUNA_V1.prompt("Hi?").endswith("questions. USER: Hi? ASSISTANT:")
+
+
+def test_a_template_without_system_prompt_starts_at_the_user():
+    template = ConversationTemplate(system="")
+    rendered = template.render([("<image>\nWhat is it?", "A cat."), ("Where?", "Here.")])
+    assert rendered.text == "USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: Where? ASSISTANT: Here.</s>"
+    assert rendered.targets() == [" A cat.</s>", " Here.</s>"]
+    assert template.prompt("Hi?") == "USER: Hi? ASSISTANT:"
+    assert template.prompt("And?", [("Hi?", "Hello.")]) == "USER: Hi? ASSISTANT: Hello.</s>USER: And? ASSISTANT:"
+    assert ConversationTemplate.from_dict(template.to_dict()) == template
+    assert ConversationTemplate.from_dict({"system": ""}) == template
+    with pytest.raises(ValueError, match=r"field\(s\) \['sep'\] must be strings"):
+        ConversationTemplate.from_dict({"sep": 1})
 
 
 def test_prompts():

@@ -16,7 +16,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from comm import CommConfig, add_image_tokens, build_processor
-from comm.conversation import VICUNA_V1, rec_prompt
+from comm.boxes import parse_box
+from comm.conversation import VICUNA_V1, ConversationTemplate, rec_prompt
 from comm.data import (
     IGNORE_INDEX,
     CommDataCollator,
@@ -113,6 +114,56 @@ def test_label_masking_on_text_only_and_rec_samples(llama_tokenizer, tmp_path):
     dataset = build_dataset([DataSpec(tmp_path / "rec.jsonl")], processor, log)
     answer = decoded_targets(llama_tokenizer, dataset.encoded(0))
     assert [a.strip() for a in answer] == ["[0.250,0.000,0.750,1.000]</s>"]
+
+
+def test_the_processor_template_and_box_decimals_make_the_targets(llama_tokenizer, tmp_path):
+    add_image_tokens(llama_tokenizer)
+    processor = build_processor(
+        llama_tokenizer,
+        CommConfig.tiny(vocab_size=len(llama_tokenizer)),
+        template=ConversationTemplate(system=""),
+        box_decimals=2,
+    )
+    Image.new("RGB", (40, 80)).save(tmp_path / "img.png")
+    rec = {"image": "img.png", "expression": "it", "bbox": [0, 0, 40, 80]}
+    shikra = {
+        "image": "img.png",
+        "boxes": [[10, 20, 30, 40]],
+        "conversations": [message("human", "<image>\nWhat is at <box>?"), message("gpt", "A square.")],
+    }
+    (tmp_path / "data.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(shikra) + "\n")
+    dataset = build_dataset([DataSpec(tmp_path / "data.jsonl")], processor, IssueLog(strict=True))
+    assert [a.strip() for a in decoded_targets(llama_tokenizer, dataset.encoded(0))] == ["[0.25,0.00,0.75,1.00]</s>"]
+    assert dataset.sample(1).turns[0][0] == "<image>\nWhat is at [0.38,0.25,0.62,0.50]?"
+    text = llama_tokenizer.decode(dataset.encoded(0).input_ids.tolist(), skip_special_tokens=False)
+    assert text.startswith("USER: Can you point out it in the image <im_start>")  # the system prompt is empty
+
+
+def test_llava_665k_boxes_written_as_text_are_kept_as_written(llama_tokenizer, tmp_path):
+    # LLaVA-1.5's grounding samples carry their boxes as 2-decimal text (normalised to its padded square) inside
+    # the conversation, with no 'boxes' list: training keeps that text as it is.
+    Image.new("RGB", (64, 48)).save(tmp_path / "coco.jpg")
+    llava = {
+        "id": "000000123",
+        "image": "coco.jpg",
+        "conversations": [
+            message(
+                "human",
+                "<image>\nPlease provide the bounding box coordinate of the region this sentence "
+                "describes: woman in white.",
+            ),
+            message("gpt", "[0.24, 0.13, 0.61, 0.98]"),
+            message("human", "Please provide a short description for this region: [0.57, 0.55, 0.75, 0.79]"),
+            message("gpt", "Kitchen counter."),
+        ],
+    }
+    (tmp_path / "llava_v1_5_mix665k.json").write_text(json.dumps([llava]))
+    processor = processor_for(llama_tokenizer)
+    dataset = build_dataset([DataSpec(tmp_path / "llava_v1_5_mix665k.json")], processor, IssueLog(strict=True))
+    replies = [a.strip() for a in decoded_targets(llama_tokenizer, dataset.encoded(0))]
+    assert replies == ["[0.24, 0.13, 0.61, 0.98]</s>", "Kitchen counter.</s>"]
+    assert "region: [0.57, 0.55, 0.75, 0.79]" in dataset.sample(0).turns[1][0]
+    assert parse_box(replies[0]) == pytest.approx((0.24, 0.13, 0.61, 0.98))
 
 
 def test_boxes_are_normalised_against_the_padded_square(tmp_path):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from comm import CommForConditionalGeneration, CommProcessor
 from comm.boxes import format_box, normalize_box
-from comm.conversation import with_image
+from comm.conversation import VICUNA_V1, with_image
 from comm.evaluation import run_pope, run_rec
 from comm.evaluation.files import read_jsonl
 from comm.evaluation.pope import load_pope_questions
@@ -204,7 +204,7 @@ def test_rec_boxes_mapped_to_pixels_and_scored(data, tmp_path, monkeypatch):
         return [answers[question.split("point out ")[1].split(" in the image")[0]] for question in questions]
 
     monkeypatch.setattr(run_rec, "generate_answers", fake_generate)
-    processor = types.SimpleNamespace(pad_to_square=True)  # all evaluate_rec reads of it with generation faked
+    processor = types.SimpleNamespace(pad_to_square=True, template=VICUNA_V1)  # what evaluate_rec reads of it
     metrics = run_rec.evaluate_rec(None, processor, samples, tmp_path, batch_size=4, progress=False)
     assert metrics == {"accuracy": 4 / 6, "n": 6, "no_box": 1}
     lines = read_jsonl(tmp_path / "predictions.jsonl")
@@ -547,3 +547,33 @@ def test_caption_run_and_rescore(data, tiny_model_dir, tmp_path, capsys):
                               str(data / "karpathy.json")]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{") :]) == metrics
+
+
+def test_every_evaluation_renders_prompts_with_the_processor_template(data, tiny_model_dir):
+    from unittest import mock
+
+    from comm.conversation import CAPTION_PROMPT, ConversationTemplate, rec_prompt
+    from comm.evaluation.caption import CaptionSample
+    from comm.evaluation.rec import RecSample
+    from comm.evaluation.run_caption import predict_caption_batch
+
+    model = CommForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    template = ConversationTemplate(system="", user_role="Human", assistant_role="Bot")
+    processor = CommProcessor.from_pretrained(tiny_model_dir, template=template)
+    image = str(data / "images" / "a.png")
+    question = {"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "no"}
+    rendered = []
+    original = CommProcessor.__call__
+
+    def spy(self, text, *args, **kwargs):
+        rendered.extend([text] if isinstance(text, str) else text)
+        return original(self, text, *args, **kwargs)
+
+    with mock.patch.object(CommProcessor, "__call__", spy):
+        run_rec.predict_rec_batch(model, processor, [RecSample("r", image, "the cat", (0, 0, 9, 9))], max_new_tokens=1)
+        predict_caption_batch(model, processor, [CaptionSample("c", image, ["A cat."])], max_new_tokens=1)
+        for mode in run_pope.ANSWER_MODES:
+            run_pope.predict_pope_batch(model, processor, [question], data / "images", "m", mode, max_new_tokens=1)
+    questions = [rec_prompt("the cat"), CAPTION_PROMPT, with_image("Is there a cat?"), with_image("Is there a cat?")]
+    assert rendered == [template.prompt(q) for q in questions]
+    assert all(text.startswith("Human: ") for text in rendered)

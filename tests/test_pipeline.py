@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -100,7 +101,6 @@ def _linked_copy(source: Path, target: Path) -> Path:
     [
         ("processor_config.json", "processor_config.json"),
         ("config.json", "config.json"),
-        ("image_processor_clip/preprocessor_config.json", "image_processor_clip/preprocessor_config.json"),
         ("model.safetensors", "the weights"),
     ],
 )
@@ -116,6 +116,18 @@ def test_incomplete_model_folder_fails_before_loading_weights(tiny_model_dir, tm
     assert str(folder) in str(error.value) and expected in str(error.value)
     load_model.assert_not_called()
     load_processor.assert_not_called()
+
+
+def test_processor_config_without_an_image_processor_fails_before_loading_weights(tiny_model_dir, tmp_path):
+    folder = _linked_copy(tiny_model_dir, tmp_path / "model")
+    settings = json.loads((folder / "processor_config.json").read_text())
+    del settings["clip_image_processor"]
+    (folder / "processor_config.json").unlink()
+    (folder / "processor_config.json").write_text(json.dumps(settings))
+    with mock.patch.object(CommForConditionalGeneration, "from_pretrained") as load_model:
+        with pytest.raises(FileNotFoundError, match="missing clip_image_processor in processor_config.json"):
+            CommPipeline.from_pretrained(folder)
+    load_model.assert_not_called()
 
 
 def test_missing_model_folder(tmp_path, monkeypatch):

@@ -177,3 +177,134 @@ def processor_folder(processor: CommProcessor, tmp_path) -> str:
     config.pop("pad_to_square")
     (folder / "processor_config.json").write_text(json.dumps(config))
     return str(folder)
+
+
+# ---------------------------------------------------------------- transformers' Auto classes and saved settings
+
+
+def legacy_folder(processor: CommProcessor, folder) -> str:
+    """``processor`` saved exactly as `CommProcessor.save_pretrained` wrote it before it was a ProcessorMixin:
+    the tokenizer, the two image processors in subfolders and five settings, no template and no chat template."""
+    processor.tokenizer.save_pretrained(folder)
+    processor.clip_image_processor.save_pretrained(folder / "image_processor_clip")
+    processor.dino_image_processor.save_pretrained(folder / "image_processor_dino")
+    settings = {
+        "processor_class": "CommProcessor",
+        "num_image_tokens": processor.num_image_tokens,
+        "pad_color": [0, 0, 0],
+        "model_max_length": 77,
+        "pad_to_square": False,
+    }
+    (folder / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return str(folder)
+
+
+def test_auto_classes_load_a_comm_folder(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+
+    from comm import CommForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    assert isinstance(processor, CommProcessor) and isinstance(processor, ProcessorMixin)
+    assert isinstance(processor.clip_image_processor, CLIPImageProcessorPil)
+    assert isinstance(processor.dino_image_processor, BitImageProcessorPil)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), CommForConditionalGeneration)
+    image = Image.new("RGB", (20, 10), (10, 200, 30))
+    direct = CommProcessor.from_pretrained(tiny_model_dir)(text="<image> hi", images=image)
+    auto = processor(text="<image> hi", images=image)
+    assert auto.keys() == direct.keys() == set(processor.model_input_names)
+    for key in direct:
+        assert torch.equal(auto[key], direct[key])
+
+
+def test_apply_chat_template_gives_the_training_prompt(processor):
+    from comm.conversation import VICUNA_V1, with_image
+
+    question = [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    messages = [{"role": "user", "content": question}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == VICUNA_V1.prompt(
+        with_image("What is it?")
+    )
+    history = [*messages, {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Where?"}]
+    assert processor.apply_chat_template(history, add_generation_prompt=True) == VICUNA_V1.prompt(
+        "Where?", [(with_image("What is it?"), "A cat.")]
+    )
+    finished = [*history, {"role": "assistant", "content": [{"type": "text", "text": "[0.1,0.2,0.3,0.4]"}]}]
+    turns = [(with_image("What is it?"), "A cat."), ("Where?", "[0.1,0.2,0.3,0.4]")]
+    assert processor.apply_chat_template(finished) == VICUNA_V1.render(turns).text
+    own_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    assert processor.apply_chat_template(own_system, add_generation_prompt=True) == "Be brief. USER: Hi? ASSISTANT:"
+    with pytest.raises(Exception, match="roles must alternate"):
+        processor.apply_chat_template([{"role": "assistant", "content": "Hello."}])
+
+
+def test_template_and_box_decimals_are_saved_with_the_processor(processor, tmp_path):
+    from comm.conversation import ConversationTemplate
+
+    template = ConversationTemplate(system="", user_role="Human", assistant_role="Bot", end_of_turn="<|end|>")
+    custom = CommProcessor(
+        processor.tokenizer,
+        processor.clip_image_processor,
+        processor.dino_image_processor,
+        processor.num_image_tokens,
+        template=template,
+        box_decimals=2,
+    )
+    custom.save_pretrained(tmp_path / "custom")
+    assert (tmp_path / "custom" / "chat_template.jinja").read_text() == template.chat_template()
+    again = CommProcessor.from_pretrained(tmp_path / "custom")
+    assert again.template == template and again.box_decimals == 2
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
+    assert again.apply_chat_template(messages, add_generation_prompt=True) == "Human: q1 Bot: a1<|end|>Human: q2 Bot:"
+    assert CommProcessor.from_pretrained(tmp_path / "custom", box_decimals=3).box_decimals == 3
+
+    (tmp_path / "custom" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(ValueError, match="chat_template.jinja.*'template' fields in processor_config.json"):
+        CommProcessor.from_pretrained(tmp_path / "custom")
+    overridden = CommProcessor.from_pretrained(tmp_path / "custom", template=template)  # a new template, a new text
+    assert overridden.chat_template == template.chat_template()
+    with pytest.raises(ValueError, match="box_decimals must be a whole number from 1 to 6, got 0"):
+        CommProcessor(
+            processor.tokenizer, processor.clip_image_processor, processor.dino_image_processor, 16, box_decimals=0
+        )
+    with pytest.raises(ValueError, match=r"unknown conversation template field\(s\) \['roles'\]"):
+        CommProcessor(
+            processor.tokenizer,
+            processor.clip_image_processor,
+            processor.dino_image_processor,
+            16,
+            template={"roles": "x"},
+        )
+
+
+def test_a_folder_saved_before_the_processor_was_a_processor_mixin_still_loads(processor, tmp_path):
+    from transformers import AutoProcessor
+
+    from comm.conversation import VICUNA_V1
+
+    folder = legacy_folder(processor, tmp_path / "legacy")
+    for loaded in (CommProcessor.from_pretrained(folder), AutoProcessor.from_pretrained(folder)):
+        assert isinstance(loaded, CommProcessor)
+        assert (loaded.pad_color, loaded.model_max_length, loaded.pad_to_square) == ((0, 0, 0), 77, False)
+        assert loaded.template == VICUNA_V1 and loaded.box_decimals == 3
+        assert loaded.apply_chat_template([{"role": "user", "content": "Hi?"}], add_generation_prompt=True) == (
+            VICUNA_V1.prompt("Hi?")
+        )
+        image = Image.new("RGB", (30, 20), (1, 2, 3))
+        assert torch.equal(loaded.preprocess_images([image])["pixel_values_clip"], again_cropping(processor, image))
+
+
+def again_cropping(processor: CommProcessor, image: Image.Image) -> torch.Tensor:
+    """CLIP pixels of ``image`` from ``processor``'s towers in centre-crop mode (what the legacy folder says)."""
+    cropping = CommProcessor(
+        processor.tokenizer,
+        tower_image_processor("clip", 64),
+        tower_image_processor("dino", 64),
+        processor.num_image_tokens,
+        pad_to_square=False,
+    )
+    return cropping.preprocess_images([image])["pixel_values_clip"]

@@ -1,7 +1,7 @@
 """The training dataset: files loaded, validated, drawn by ratio and tokenized once, images decoded on access.
 
 `build_dataset` finds bad input before training starts: records are parsed (the file and line of each kept),
-images are checked (existence, header), conversations are validated and rendered with the Vicuna v1.1 template,
+images are checked (existence, header), conversations are validated and rendered with the processor's template,
 and every sample that will be used is tokenized once; the token ids and lengths are kept (lengths feed
 length-grouped batching) and only the images are decoded during training.
 """
@@ -97,7 +97,10 @@ def build_dataset(
 ) -> SupervisedDataset:
     """Load, validate, sample (ratios) and tokenize the training files into one `SupervisedDataset`."""
     images = ImageChecker(verify=verify_images)
-    sources = [load_samples(spec, issues, image_folder, images, processor.pad_to_square) for spec in specs]
+    sources = [
+        load_samples(spec, issues, image_folder, images, processor.pad_to_square, processor.box_decimals)
+        for spec in specs
+    ]
     chosen = mixture_indices([len(s) for s in sources], [spec.ratio for spec in specs], seed)
     encoder = SampleEncoder(processor, model_max_length)
 

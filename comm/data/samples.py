@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from comm.boxes import Box, format_box, normalize_box, overlaps_unit_square, validate_pixel_box, xywh_to_xyxy
+from comm.boxes import (
+    SHIKRA_DECIMALS,
+    Box,
+    format_box,
+    normalize_box,
+    overlaps_unit_square,
+    validate_pixel_box,
+    xywh_to_xyxy,
+)
 from comm.conversation import IMAGE_PLACEHOLDER, rec_prompt, with_image
 from comm.data.issues import DataIssue, IssueKind, IssueLog, Rejected
 from comm.data.mixture import DataSpec
@@ -120,8 +128,9 @@ def _check_placeholders(turns: list[tuple[str, str]], has_image: bool) -> list[t
     return turns
 
 
-def box_text(pixels: Box, size: tuple[int, int], pad_to_square: bool = True) -> str:
-    """A checked pixel box in Shikra's text format, normalised to the square the towers see (`visible_square`).
+def box_text(pixels: Box, size: tuple[int, int], pad_to_square: bool = True, decimals: int = SHIKRA_DECIMALS) -> str:
+    """A checked pixel box as text with ``decimals`` decimals, normalised to the square the towers see
+    (`visible_square`).
 
     Raises ValueError when the towers see none of it (outside the centre crop, with ``pad_to_square=False``).
     """
@@ -131,13 +140,17 @@ def box_text(pixels: Box, size: tuple[int, int], pad_to_square: bool = True) -> 
             f"box {list(pixels)} lies outside the centre square the towers see (the processor crops: pad_to_square "
             "is False)"
         )
-    return format_box(normalized)
+    return format_box(normalized, decimals)
 
 
 def _fill_boxes(
-    turns: list[tuple[str, str]], boxes: Any, size: tuple[int, int] | None, pad_to_square: bool = True
+    turns: list[tuple[str, str]],
+    boxes: Any,
+    size: tuple[int, int] | None,
+    pad_to_square: bool = True,
+    decimals: int = SHIKRA_DECIMALS,
 ) -> list[tuple[str, str]]:
-    """Replace the ``<box>`` placeholders, in order, by the normalised boxes in Shikra's text format."""
+    """Replace the ``<box>`` placeholders, in order, by the normalised boxes as text (`box_text`)."""
     placeholders = sum(q.count(BOX_PLACEHOLDER) + a.count(BOX_PLACEHOLDER) for q, a in turns)
     if boxes is None:
         if placeholders:
@@ -156,7 +169,7 @@ def _fill_boxes(
         if not isinstance(box, (list, tuple)) or not all(isinstance(v, (int, float)) for v in box):
             raise Rejected(IssueKind.BAD_BOX, f"box {number} is not a list of numbers: {box!r}")
         try:
-            texts.append(box_text(validate_pixel_box(box, *size), size, pad_to_square))
+            texts.append(box_text(validate_pixel_box(box, *size), size, pad_to_square, decimals))
         except ValueError as error:
             raise Rejected(IssueKind.BAD_BOX, f"box {number}: {error}") from None
     boxes_left = iter(texts)
@@ -168,7 +181,9 @@ def _fill_boxes(
     return [(fill(q), fill(a)) for q, a in turns]
 
 
-def rec_turns(record: dict, size: tuple[int, int] | None, pad_to_square: bool = True) -> list[tuple[str, str]]:
+def rec_turns(
+    record: dict, size: tuple[int, int] | None, pad_to_square: bool = True, decimals: int = SHIKRA_DECIMALS
+) -> list[tuple[str, str]]:
     """The REC question/answer pair for ``{"expression", "bbox": [x, y, w, h]}`` (box on the towers' square)."""
     expression = record.get("expression")
     if not isinstance(expression, str) or not expression.strip():
@@ -179,18 +194,25 @@ def rec_turns(record: dict, size: tuple[int, int] | None, pad_to_square: bool = 
     if size is None:
         raise Rejected(IssueKind.BAD_CONVERSATION, "a REC sample needs an 'image'")
     try:
-        answer = box_text(validate_pixel_box(xywh_to_xyxy(bbox), *size), size, pad_to_square)
+        answer = box_text(validate_pixel_box(xywh_to_xyxy(bbox), *size), size, pad_to_square, decimals)
     except ValueError as error:
         raise Rejected(IssueKind.BAD_BOX, f"bbox {bbox} (x, y, w, h): {error}") from None
     return [(rec_prompt(expression.strip()), answer)]
 
 
 def record_to_sample(
-    record: RawRecord, file: str, image_folder: Path, images: ImageChecker, pad_to_square: bool = True
+    record: RawRecord,
+    file: str,
+    image_folder: Path,
+    images: ImageChecker,
+    pad_to_square: bool = True,
+    box_decimals: int = SHIKRA_DECIMALS,
 ) -> Sample:
     """Validate one parsed record and turn it into a `Sample`, or raise `Rejected`.
 
-    Boxes are normalised for the processor's image mode (``pad_to_square``, see `comm.boxes.visible_square`).
+    Boxes are normalised for the processor's image mode (``pad_to_square``, see `comm.boxes.visible_square`) and
+    written with its ``box_decimals``. Box text already in a conversation (LLaVA-1.5's ``[0.12,0.34,0.56,0.78]``)
+    is kept as written.
     """
     value = record.value
     if not isinstance(value, dict):
@@ -205,9 +227,9 @@ def record_to_sample(
     if "conversations" in value:
         turns = conversation_turns(value["conversations"])
         turns = _check_placeholders(turns, image is not None)
-        turns = _fill_boxes(turns, value.get("boxes"), size, pad_to_square)
+        turns = _fill_boxes(turns, value.get("boxes"), size, pad_to_square, box_decimals)
     elif "expression" in value or "bbox" in value:
-        turns = rec_turns(value, size, pad_to_square)
+        turns = rec_turns(value, size, pad_to_square, box_decimals)
     else:
         raise Rejected(
             IssueKind.BAD_CONVERSATION,
@@ -231,10 +253,11 @@ def load_samples(
     image_folder: str | Path | None = None,
     images: ImageChecker | None = None,
     pad_to_square: bool = True,
+    box_decimals: int = SHIKRA_DECIMALS,
 ) -> list[Sample]:
     """Every valid sample of one data file; each rejected one is reported to ``issues`` with its file and line.
 
-    ``pad_to_square`` is the processor's image mode, which boxes are normalised for.
+    ``pad_to_square`` is the processor's image mode, which boxes are normalised for; ``box_decimals`` its box text.
     """
     file = str(spec.path)
     folder = Path(image_folder) if image_folder is not None else spec.path.parent
@@ -249,7 +272,7 @@ def load_samples(
             issues.report(DataIssue(IssueKind.BAD_JSON, file, record.line, record.error, record.index))
             continue
         try:
-            sample = record_to_sample(record, file, folder, images, pad_to_square)
+            sample = record_to_sample(record, file, folder, images, pad_to_square, box_decimals)
         except Rejected as rejected:
             sample_id = record.value.get("id") if isinstance(record.value, dict) else None
             issues.report(

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from comm.conversation import VICUNA_V1, ConversationTemplate
 from comm.data.issues import IssueKind, Rejected
 from comm.data.samples import Sample
 from comm.processing import CommProcessor
@@ -64,14 +63,9 @@ def target_token_ranges(
 
 
 class SampleEncoder:
-    """Render samples with the conversation template and tokenize them with offsets to build the labels."""
+    """Render samples with the processor's conversation template and tokenize them with offsets to build the labels."""
 
-    def __init__(
-        self,
-        processor: CommProcessor,
-        model_max_length: int | None = None,
-        template: ConversationTemplate = VICUNA_V1,
-    ):
+    def __init__(self, processor: CommProcessor, model_max_length: int | None = None):
         tokenizer = processor.tokenizer
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(
@@ -79,7 +73,7 @@ class SampleEncoder:
             )
         self.processor = processor
         self.tokenizer = tokenizer
-        self.template = template
+        self.template = processor.template
         self.model_max_length = model_max_length or processor.model_max_length
         self.image_token_id = processor.image_token_id
         self.dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32

@@ -44,7 +44,8 @@ def answer_token_id(tokenizer: Any, answer: str, template: ConversationTemplate 
 
 
 def yes_no_token_ids(tokenizer: Any, template: ConversationTemplate = VICUNA_V1) -> tuple[int, int]:
-    """Token ids of the first tokens of " Yes" and " No" as the assistant would answer."""
+    """Token ids of the first tokens of " Yes" and " No" as the assistant would answer in ``template`` (pass the
+    processor's, ``processor.template``)."""
     yes_id = answer_token_id(tokenizer, YES_ANSWER, template)
     no_id = answer_token_id(tokenizer, NO_ANSWER, template)
     if yes_id == no_id:
@@ -59,12 +60,12 @@ def yes_no_logits(
     images: Sequence[Any],
     questions: Sequence[str],
     token_ids: tuple[int, int],
-    template: ConversationTemplate = VICUNA_V1,
 ) -> list[tuple[float, float]]:
-    """Next-token logits ``(yes, no)`` after each prompt: ONE left-padded forward pass for the whole batch."""
+    """Next-token logits ``(yes, no)`` after each prompt (rendered with the processor's template): ONE left-padded
+    forward pass for the whole batch."""
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images but {len(questions)} questions")
-    prompts = [template.prompt(question) for question in questions]
+    prompts = [processor.template.prompt(question) for question in questions]
     inputs = processor(text=prompts, images=list(images), padding_side="left")
     inputs = inputs.to(model.device, dtype=model.dtype)  # pixel values take the model's dtype, ids stay ints
     logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
@@ -104,9 +105,17 @@ def predict_pope_batch(
     def answer(batch: list[Mapping[str, Any]], images: list[Any]) -> list[dict[str, Any]]:
         prompts = [with_image(q["text"]) for q in batch]
         if answer_mode == "generate":
-            texts = generate_answers(model, processor, images, prompts, batch_size=len(prompts), **generate_kwargs)
+            texts = generate_answers(
+                model,
+                processor,
+                images,
+                prompts,
+                batch_size=len(prompts),
+                template=processor.template,
+                **generate_kwargs,
+            )
             return [pope_record(q, text, model_id, {"answer_mode": "generate"}) for q, text in zip(batch, texts)]
-        ids = token_ids if token_ids is not None else yes_no_token_ids(processor.tokenizer)
+        ids = token_ids if token_ids is not None else yes_no_token_ids(processor.tokenizer, processor.template)
         records = []
         for question, (yes, no) in zip(batch, yes_no_logits(model, processor, images, prompts, ids)):
             text = YES_ANSWER if yes > no else NO_ANSWER
@@ -142,7 +151,7 @@ def evaluate_pope(
         raise ValueError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, got {answer_mode!r}")
     root = Path(image_dir) if image_dir is not None else Path()
     check_files_exist((root / question["image"] for question in questions), "image")
-    token_ids = yes_no_token_ids(processor.tokenizer) if answer_mode == "logits" else None
+    token_ids = yes_no_token_ids(processor.tokenizer, processor.template) if answer_mode == "logits" else None
     generate_kwargs["max_new_tokens"] = max_new_tokens
 
     def predict(batch: list[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,33 @@ def _load_pairs(
     return loaded, text_list, single_image and single_text
 
 
+@dataclass(frozen=True)
+class _Continuation:
+    """A template bound to earlier turns: ``prompt(question)`` continues that conversation (the one method
+    `generate_answers` calls on its template)."""
+
+    template: ConversationTemplate
+    history: tuple[tuple[str, str], ...]
+
+    def prompt(self, question: str) -> str:
+        return self.template.prompt(question, self.history)
+
+
+def _check_history(history: Any) -> list[tuple[str, str]]:
+    """``history`` as ``(question, answer)`` pairs, or a ValueError/TypeError naming the bad turn."""
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+        raise TypeError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
+    turns = []
+    for i, turn in enumerate(history):
+        if isinstance(turn, (str, bytes)) or not isinstance(turn, Sequence) or len(turn) != 2:
+            raise ValueError(f"history turn {i} must be a (question, answer) pair, got {turn!r}")
+        question, answer = turn
+        if not isinstance(question, str) or not isinstance(answer, str) or not question.strip():
+            raise ValueError(f"history turn {i}: the question must be a non-empty string and the answer a string")
+        turns.append((question, answer))
+    return turns
+
+
 class CommPipeline:
     """Inference with a COMM model: captions, grounding boxes in pixels, and free-form answers.
 
@@ -149,16 +177,17 @@ class CommPipeline:
         """How prompts are rendered: the processor's conversation template."""
         return self.processor.template
 
-    def _check_questions(self, questions: Sequence[str]) -> None:
-        """Each question holds one image placeholder and its prompt fits the model's context."""
+    def _check_questions(self, questions: Sequence[str], history: Sequence[tuple[str, str]] = ()) -> None:
+        """Each prompt holds one image placeholder (history included) and fits the model's context."""
         limit = self.processor.model_max_length
+        earlier = sum(question.count(IMAGE_PLACEHOLDER) for question, _ in history)
         for i, question in enumerate(questions):
-            count = question.count(IMAGE_PLACEHOLDER)
+            count = earlier + question.count(IMAGE_PLACEHOLDER)
             if count != 1:
                 raise ValueError(f"question {i} holds {count} {IMAGE_PLACEHOLDER} placeholders, expected 1")
             if limit is None:
                 continue
-            prompt = self.processor.expand_image_placeholders(self.template.prompt(question))
+            prompt = self.processor.expand_image_placeholders(self.template.prompt(question, history))
             length = len(self.processor.tokenizer(prompt)["input_ids"])
             if length > limit:
                 raise ValueError(
@@ -167,18 +196,24 @@ class CommPipeline:
                 )
 
     def _generate(
-        self, images: list[Image.Image], questions: list[str], batch_size: int, **generate_kwargs: Any
+        self,
+        images: list[Image.Image],
+        questions: list[str],
+        batch_size: int,
+        history: Sequence[tuple[str, str]] = (),
+        **generate_kwargs: Any,
     ) -> list[str]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._check_questions(questions)
+        self._check_questions(questions, history)
+        template = _Continuation(self.template, tuple(history)) if history else self.template
         return generate_answers(
             self.model,
             self.processor,
             images,
             questions,
             batch_size=batch_size,
-            template=self.template,
+            template=template,
             **generate_kwargs,
         )
 
@@ -267,18 +302,25 @@ class CommPipeline:
         streamer: Any | None = None,
         max_new_tokens: int = ASK_MAX_NEW_TOKENS,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        history: Sequence[tuple[str, str]] | None = None,
         **generate_kwargs: Any,
     ) -> str | list[str]:
         """Answer a question about an image (a string), or questions about images (a list, in input order).
 
         Questions without ``<image>`` get it in front; one image with a list of questions (or the reverse)
-        is broadcast. ``streamer`` (a transformers ``TextStreamer`` or ``TextIteratorStreamer``) receives the
-        tokens as they are generated; streaming works for a single image and question only. When the call
-        fails (bad input included) the streamer is ended, so a consumer in another thread stops waiting.
+        is broadcast. ``history`` continues a conversation about one image: the earlier ``(question, answer)``
+        turns, in order (the image's ``<image>`` goes in front of the first question unless a turn holds it); the
+        new question then follows them, as in multi-turn training data. ``streamer`` (a transformers
+        ``TextStreamer`` or ``TextIteratorStreamer``) receives the tokens as they are generated; streaming works
+        for a single image and question only. When the call fails (bad input included) the streamer is ended, so
+        a consumer in another thread stops waiting.
 
         >>> pipe = CommPipeline.from_pretrained("runs/stage2/final")  # doctest: +SKIP
         >>> pipe.ask("street.jpg", "How many people are crossing?")  # doctest: +SKIP
         'Three people are crossing the street.'
+        >>> pipe.ask("street.jpg", "And which way?", history=[("How many people are crossing?", "Three.")])
+        ... # doctest: +SKIP
+        'From left to right.'
         >>> from threading import Thread  # doctest: +SKIP
         >>> from transformers import TextIteratorStreamer  # doctest: +SKIP
         >>> streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -295,12 +337,20 @@ class CommPipeline:
                         f"streaming needs a single image and a single question, got {len(question_list)} pairs"
                     )
                 generate_kwargs["streamer"] = streamer
+            turns = _check_history(history) if history is not None else []
+            if turns:
+                if len(question_list) != 1:
+                    raise ValueError(
+                        f"a history continues one conversation: give one image and one question, got "
+                        f"{len(question_list)} pairs"
+                    )
+                if not any(IMAGE_PLACEHOLDER in question for question, _ in turns):
+                    turns[0] = (with_image(turns[0][0]), turns[0][1])
+                prompts = question_list
+            else:
+                prompts = [with_image(q) for q in question_list]
             answers = self._generate(
-                loaded,
-                [with_image(q) for q in question_list],
-                batch_size,
-                max_new_tokens=max_new_tokens,
-                **generate_kwargs,
+                loaded, prompts, batch_size, history=turns, max_new_tokens=max_new_tokens, **generate_kwargs
             )
         except BaseException:
             if streamer is not None and hasattr(streamer, "end"):

@@ -197,6 +197,53 @@ def test_ground_batched_equals_one_at_a_time(pipe, images):
     assert pipe.ground(images, expressions, batch_size=2, max_new_tokens=TOKENS) == [r.box for r in batched]
 
 
+def test_ask_continues_a_conversation_from_its_history(pipe):
+    image = noise_image(40, 30, 5)
+    history = [("What is in the picture?", "Noise."), ("Is it loud?", "No.")]
+    answer = pipe.ask(image, "What colour is it?", history=history, max_new_tokens=TOKENS)
+    # the prompt is the multi-turn training text so far: the image in front of the first question
+    prompt = pipe.processor.template.prompt(
+        "What colour is it?", [("<image>\nWhat is in the picture?", "Noise."), ("Is it loud?", "No.")]
+    )
+    assert (
+        pipe.processor.apply_chat_template(
+            [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+                {"role": "assistant", "content": "Noise."},
+                {"role": "user", "content": "Is it loud?"},
+                {"role": "assistant", "content": "No."},
+                {"role": "user", "content": "What colour is it?"},
+            ],
+            add_generation_prompt=True,
+        )
+        == prompt
+    )
+    inputs = pipe.processor(text=[prompt], images=[image], padding_side="left")
+    output = pipe.model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
+    assert answer == pipe.processor.decode(output[0, inputs["input_ids"].shape[1] :]).strip()
+    assert answer != pipe.ask(image, "What colour is it?", max_new_tokens=TOKENS)  # the history changes the answer
+    # the image placeholder may sit in a turn of the history instead
+    moved = [("What is in the picture? <image>", "Noise."), ("Is it loud?", "No.")]
+    assert isinstance(pipe.ask(image, "What colour is it?", history=moved, max_new_tokens=TOKENS), str)
+
+
+@pytest.mark.parametrize(
+    ("images_and_question", "history", "error", "message"),
+    [
+        ("two images", [("Hi?", "Hello.")], ValueError, "a history continues one conversation"),
+        ("one image", [("Hi?",)], ValueError, "history turn 0 must be a .question, answer. pair"),
+        ("one image", [("", "Hello.")], ValueError, "history turn 0: the question must be a non-empty string"),
+        ("one image", "Hi?", TypeError, "history must be a list of .question, answer. pairs"),
+        ("one image", [("<image> Hi?", "Hello."), ("<image> And?", "Yes.")], ValueError, "holds 2 <image>"),
+    ],
+)
+def test_a_bad_history_is_named(pipe, images_and_question, history, error, message):
+    image = noise_image(20, 20, 1)
+    images = [image, image] if images_and_question == "two images" else image
+    with pytest.raises(error, match=message):
+        pipe.ask(images, "What now?", history=history, max_new_tokens=TOKENS)
+
+
 def test_outputs_follow_shuffled_inputs(pipe, images):
     questions = ["What is this?", "Is it day or night?", "How many objects?", "What colour dominates?", "Why?"]
     reference = pipe.ask(images, questions, batch_size=len(images), max_new_tokens=TOKENS)
@@ -468,3 +515,20 @@ def test_save_rec_grid_draws_gt_green_and_prediction_red(tmp_path):
     assert saved.getpixel((30, 60)) == (255, 255, 255)
     with pytest.raises(ValueError, match="needs at least one sample"):
         save_rec_grid([], tmp_path / "empty.png")
+
+
+def test_processor_and_model_take_several_images_in_one_text(pipe):
+    # Training and CommPipeline stay at one image per conversation; the processor and the model already read
+    # several <image> placeholders in order.
+    first, second = noise_image(30, 20, 1), noise_image(20, 30, 2)
+    text = pipe.template.prompt("<image> or <image>: which is taller?")
+
+    def logits(images):
+        inputs = pipe.processor(text=text, images=images)
+        with torch.no_grad():
+            return pipe.model(**inputs).logits[0, -1]
+
+    both = logits([first, second])
+    assert not torch.allclose(both, logits([second, first]))
+    assert not torch.allclose(both, logits([first, first]))
+    torch.testing.assert_close(both, logits([first, second]))

@@ -98,6 +98,26 @@ def build_processor(
     )
 
 
+def components_config_and_tokenizer(
+    clip: str, dino: str, llm: str, tokenizer: str | PreTrainedTokenizerBase | None = None, **config_fields
+) -> tuple[CommConfig, PreTrainedTokenizerBase]:
+    """The `CommConfig` of tower and LLM checkpoints and their tokenizer with the image tokens: configs only, no
+    weights are read. ``tokenizer`` defaults to the LLM's; ``config_fields`` set `CommConfig` fields."""
+    clip_config = AutoConfig.from_pretrained(clip)
+    if getattr(clip_config, "vision_config", None) is not None:  # a full CLIP checkpoint: keep its vision half
+        clip_config = clip_config.vision_config
+    config = CommConfig(
+        clip_config=clip_config,
+        dino_config=AutoConfig.from_pretrained(dino),
+        text_config=AutoConfig.from_pretrained(llm),
+        **config_fields,
+    )
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or llm)
+    config.update(add_image_tokens(tokenizer))
+    return config, tokenizer
+
+
 def build_from_components(
     clip: str,
     dino: str,
@@ -117,18 +137,7 @@ def build_from_components(
     ``template`` and ``box_decimals`` go to the processor (`build_processor`); ``config_fields`` set `CommConfig`
     fields (``clip_layers``, ``grid_size``, ``concat``...).
     """
-    clip_config = AutoConfig.from_pretrained(clip)
-    if getattr(clip_config, "vision_config", None) is not None:  # a full CLIP checkpoint: keep its vision half
-        clip_config = clip_config.vision_config
-    config = CommConfig(
-        clip_config=clip_config,
-        dino_config=AutoConfig.from_pretrained(dino),
-        text_config=AutoConfig.from_pretrained(llm),
-        **config_fields,
-    )
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer or llm)
-    config.update(add_image_tokens(tokenizer))
+    config, tokenizer = components_config_and_tokenizer(clip, dino, llm, tokenizer, **config_fields)
     config._attn_implementation = attn_implementation
 
     with torch.device("meta"):

@@ -1,4 +1,5 @@
-"""The ``comm`` command: ``caption``, ``ground``, ``ask`` with a trained model, and ``demo``."""
+"""The ``comm`` command: ``caption``, ``ground``, ``ask`` with a trained model, ``inspect`` a checkpoint, ``data``
+preparation (``refer``, ``check``) and ``demo``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from comm.errors import ArgumentParser, UserError, run_command
+from comm.evaluation.rec import REFER_SPLITS
+from comm.inspection import LAYER_WEIGHTS_PLOT
 
 MODEL_ENV = "COMM_MODEL"
 EXIT_NO_BOX = 1
@@ -63,6 +66,37 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", metavar="QUESTION")
     ask.add_argument("--stream", action="store_true", help="print the answer token by token")
     ask.set_defaults(handler=_ask)
+
+    inspect = commands.add_parser(
+        "inspect", help="print a checkpoint's parts and learned LLN-Layerscale layer weights (no full load)"
+    )
+    inspect.add_argument("checkpoint", metavar="CHECKPOINT", help="a COMM model folder")
+    inspect.add_argument("--out", metavar="DIR", default=None, help=f"write DIR/{LAYER_WEIGHTS_PLOT}")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(handler=_inspect)
+
+    data = commands.add_parser("data", help="prepare and check training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    refer = data_commands.add_parser(
+        "refer", help="REFER annotations (refs(*).p + instances.json) to a grounding training jsonl"
+    )
+    refer.add_argument("root", metavar="ROOT", help="the REFER folder: ROOT/DATASET/refs(unc).p and instances.json")
+    refer.add_argument("--dataset", required=True, choices=sorted(REFER_SPLITS))
+    refer.add_argument("--split", required=True, help="train, val, testA, testB or test (as the dataset has them)")
+    refer.add_argument("--split-by", default=None, help="unc, umd or google (default: unc, refcocog umd)")
+    refer.add_argument("--out", required=True, metavar="OUT.jsonl", help="the training file to write")
+    refer.add_argument(
+        "--image-dir",
+        default=None,
+        metavar="DIR",
+        help="the COCO folder of the images (train2014): image paths are then written relative to OUT's folder",
+    )
+    refer.set_defaults(handler=_data_refer)
+    data_commands.add_parser(
+        "check",
+        add_help=False,
+        help="read a training mixture as comm-train would and report on it (takes comm-train's options; --help)",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -162,6 +196,35 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from comm.inspection import format_summary, inspect_checkpoint
+
+    summary, plot = inspect_checkpoint(args.checkpoint, args.out)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"COMM checkpoint {args.checkpoint}")
+        print(format_summary(summary))
+    if plot is not None:
+        print(f"layer weights: {plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _data_refer(args: argparse.Namespace) -> int:
+    from comm.data.refer import write_refer_jsonl
+
+    count = write_refer_jsonl(args.root, args.dataset, args.split, args.out, args.split_by, args.image_dir)
+    print(f"wrote {count} expressions of {args.dataset} {args.split} to {args.out}")
+    return 0
+
+
+def _data_check(argv: Sequence[str]) -> int:
+    from comm.training.data_check import check_data
+
+    check_data(argv)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     try:
         run = importlib.import_module("comm.demo.run")
@@ -184,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         # Everything after "demo" belongs to the demo, options included (argparse.REMAINDER drops a leading "--x").
         return run_command(lambda: _demo(argparse.Namespace(command="demo", demo_args=argv[1:])))
+    if argv[:2] == ["data", "check"]:
+        return run_command(lambda: _data_check(argv[2:]))  # comm-train's own option parser reads the rest
     args = parser.parse_args(argv)
     return run_command(lambda: args.handler(args))
 

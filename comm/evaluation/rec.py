@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,6 +33,18 @@ class RecSample:
     image: str
     expression: str
     bbox_xyxy: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ReferExpression:
+    """One sentence of a REFER ref: its COCO image (file name and size) and its box ``[x, y, w, h]`` in pixels."""
+
+    id: str
+    file_name: str
+    width: int | None
+    height: int | None
+    expression: str
+    bbox: tuple[float, float, float, float]
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -72,14 +85,11 @@ def _refer_error(path: Path, message: str) -> NoReturn:
     raise ValueError(f"{path}: {message}")
 
 
-def load_refer(
-    data_root: str | os.PathLike[str],
-    dataset: str,
-    split_by: str | None,
-    split: str,
-    image_dir: str | os.PathLike[str],
-) -> list[RecSample]:
-    """Read one split of a REFER dataset (``refs({split_by}).p`` + ``instances.json``), one sample a sentence.
+def iter_refer(
+    data_root: str | os.PathLike[str], dataset: str, split_by: str | None, split: str
+) -> Iterator[ReferExpression]:
+    """Every sentence of one split of a REFER dataset (``{data_root}/{dataset}/refs({split_by}).p`` +
+    ``instances.json``), in the refs' order; a malformed file is a ValueError naming it and the ref.
 
     ``split_by=None`` picks the usual one: ``unc`` for refcoco/refcoco+, ``umd`` for refcocog.
     """
@@ -114,8 +124,7 @@ def load_refer(
     except (KeyError, TypeError) as error:
         raise ValueError(f"{instances_path}: an image or annotation has no 'id' ({error!r})") from error
 
-    image_root = Path(image_dir)
-    samples: list[RecSample] = []
+    found = False
     for index, ref in enumerate(refs):
         where = f"ref #{index}"
         if not isinstance(ref, dict):
@@ -141,23 +150,41 @@ def load_refer(
             _refer_error(instances_path, f"annotation {ref['ann_id']} has no [x, y, w, h] bbox: {bbox!r}")
         if not isinstance(image.get("file_name"), str):
             _refer_error(instances_path, f"image {ref['image_id']} has no file_name string")
-        bbox_xyxy = xywh_to_xyxy(bbox)
-        image_path = str(image_root / image["file_name"])
+        size = [image.get(key) if _is_number(image.get(key)) else None for key in ("width", "height")]
         for sentence_index, sentence in enumerate(ref["sentences"]):
             text = sentence.get("sent", sentence.get("raw")) if isinstance(sentence, dict) else None
             if not isinstance(text, str):
                 _refer_error(refs_path, f"{where}, sentence {sentence_index} has no 'sent' text")
-            samples.append(
-                RecSample(
-                    id=f"{ref['ref_id']}_{sentence_index}",
-                    image=image_path,
-                    expression=text,
-                    bbox_xyxy=bbox_xyxy,
-                )
+            found = True
+            yield ReferExpression(
+                id=f"{ref['ref_id']}_{sentence_index}",
+                file_name=image["file_name"],
+                width=size[0],
+                height=size[1],
+                expression=text,
+                bbox=tuple(bbox),
             )
-    if not samples:
+    if not found:
         _refer_error(refs_path, f"no refs in split {split!r}")
-    return samples
+
+
+def load_refer(
+    data_root: str | os.PathLike[str],
+    dataset: str,
+    split_by: str | None,
+    split: str,
+    image_dir: str | os.PathLike[str],
+) -> list[RecSample]:
+    """Read one split of a REFER dataset (`iter_refer`) as REC samples, one a sentence, images in ``image_dir``."""
+    return [
+        RecSample(
+            id=expression.id,
+            image=str(Path(image_dir) / expression.file_name),
+            expression=expression.expression,
+            bbox_xyxy=xywh_to_xyxy(expression.bbox),
+        )
+        for expression in iter_refer(data_root, dataset, split_by, split)
+    ]
 
 
 def _is_number(value: Any) -> bool:

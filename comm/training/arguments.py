@@ -177,7 +177,7 @@ class CommTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-class _ArgumentParser(OneLineUsageErrors, HfArgumentParser):
+class OneLineArgumentParser(OneLineUsageErrors, HfArgumentParser):
     """transformers' dataclass argument parser with one-line usage errors (its usage runs to 120 lines)."""
 
 
@@ -185,7 +185,7 @@ def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, CommTrainingArguments]:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into the three argument dataclasses and validate them."""
-    parser = _ArgumentParser((ModelArguments, DataArguments, CommTrainingArguments))
+    parser = OneLineArgumentParser((ModelArguments, DataArguments, CommTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     model_args.validate()
     data_args.validate()

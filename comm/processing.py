@@ -210,15 +210,21 @@ class CommProcessor(ProcessorMixin):
         padding_side: str | None = None,
         max_length: int | None = None,
         return_tensors: str = "pt",
+        videos: Any = None,
+        audio: Any = None,
     ) -> BatchFeature:
-        """Tokenize ``text`` (one string or a batch) and preprocess ``images`` (in placeholder order)."""
+        """Tokenize ``text`` (one string or a batch) and preprocess ``images`` in placeholder order: a flat list, or
+        one list per text (what ``apply_chat_template(..., tokenize=True)`` passes). There are no video or audio
+        inputs (``videos``/``audio`` must stay None: the keywords exist because transformers passes them)."""
+        if videos is not None or audio is not None:
+            raise ValueError("COMM takes images and text only: no videos or audio")
         texts = [text] if isinstance(text, str) else list(text)
         if images is None:
             image_list: list[ImageInput] = []
         elif isinstance(images, (Image.Image, str, Path, np.ndarray)):
             image_list = [images]
         else:
-            image_list = list(images)
+            image_list = [one for item in images for one in (item if isinstance(item, (list, tuple)) else [item])]
         num_placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
         if num_placeholders != len(image_list):
             raise ValueError(

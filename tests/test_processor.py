@@ -238,6 +238,19 @@ def test_apply_chat_template_gives_the_training_prompt(processor):
         processor.apply_chat_template([{"role": "assistant", "content": "Hello."}])
 
 
+def test_apply_chat_template_tokenizes_with_the_images_as_transformers_users_call_it(processor):
+    image = Image.new("RGB", (30, 20), (40, 90, 200))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = processor(text=prompt, images=[image])
+    assert inputs.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(inputs[key], expected[key])
+    with pytest.raises(ValueError, match="images and text only"):
+        processor(text="hi", videos=[np.zeros((2, 8, 8, 3), dtype=np.uint8)])
+
+
 def test_template_and_box_decimals_are_saved_with_the_processor(processor, tmp_path):
     from comm.conversation import ConversationTemplate
 

@@ -135,11 +135,14 @@ class CommProcessor(ProcessorMixin):
             template = ConversationTemplate.from_dict(template)
         self.template = template
         self.box_decimals = check_box_decimals(box_decimals)
-        # The template's fields are the one source: the Jinja text is written from them for transformers users.
+        # The template's fields are the one source: the Jinja text is written from them for transformers users (a
+        # saved text that differs, edited by hand or written by another version of this code, is written anew).
         if chat_template is not None and chat_template != template.chat_template():
-            raise ValueError(
-                f"the chat template ({CHAT_TEMPLATE_FILE}) is not the one the processor's template fields give: "
-                f"change the 'template' fields in {PROCESSOR_CONFIG} instead (training and generation render with them)"
+            warnings.warn(
+                f"the saved chat template ({CHAT_TEMPLATE_FILE}) is not the one the processor's template fields give: "
+                f"using the fields' (training and generation render with them; change 'template' in {PROCESSOR_CONFIG}"
+                " to change the chat format)",
+                stacklevel=2,
             )
         super().__init__(tokenizer, clip_image_processor, dino_image_processor, chat_template=template.chat_template())
         for image_processor in (clip_image_processor, dino_image_processor):

@@ -62,7 +62,7 @@ def run_mode(
     def one_run() -> tuple[list[str], float, float]:
         timed_processor = TimedProcessor(processor)
         totals: dict[str, float] = {}
-        restore = timed_method(model, "get_image_features", totals)
+        restore = timed_method(model.model, "get_image_features", totals)  # what the forward calls
         try:
             answers = generate_answers(
                 model, timed_processor, images, questions, batch_size=batch_size,  # type: ignore[arg-type]

@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "params": {
-            "llm": count_parameters(model.language_model),
+            "llm": count_parameters(model.language_model) + count_parameters(model.lm_head),
             "towers": count_parameters(model.clip_tower) + count_parameters(model.dino_tower),
         },
         "build_s": round(build_s, 1),

@@ -133,14 +133,13 @@ def model_flops_per_step(
 ) -> dict[str, float]:
     """Model FLOPs of one training step, by part (see the module docstring); the LM head at ``head_positions``
     positions per sample."""
-    llm = model.language_model
+    llm = model.language_model  # the decoder body; the head is model.lm_head
     embedding = llm.get_input_embeddings().weight
-    head = llm.get_output_embeddings()
+    head = model.get_output_embeddings()
     head_params = count_parameters(head)
     head_trainable = count_parameters(head, trainable=True)
-    body_params = count_parameters(llm) - embedding.numel() - head_params
+    body_params = count_parameters(llm) - embedding.numel()
     body_trainable = count_parameters(llm, trainable=True) - embedding.numel() * embedding.requires_grad
-    body_trainable -= head_trainable
     tokens, head_tokens = batch_size * seq_len, batch_size * head_positions
     vision_trainable = sum(count_parameters(m, trainable=True) for m in model.trainable_vision_modules().values())
     images = batch_size
@@ -173,14 +172,12 @@ def trainable_setup(model: CommForConditionalGeneration, lora: int) -> None:
 def compile_llm_layers(model: CommForConditionalGeneration, backend: str) -> int:
     """``torch.compile`` each decoder layer of the LLM in place (one compiled code for the identical layers, and no
     graph break from the mask and cache logic around them); returns the number of layers compiled."""
-    from comm.model.loss import decoder_and_head
-
-    parts = decoder_and_head(model.language_model)
-    if parts is None or not hasattr(parts[0], "layers"):
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
         raise ValueError("--compile needs an LLM whose decoder has .layers")
-    for layer in parts[0].layers:
+    for layer in layers:
         layer.compile(backend=backend)
-    return len(parts[0].layers)
+    return len(layers)
 
 
 def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str, Any]:
@@ -194,7 +191,7 @@ def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str
     trainable_setup(model, args.lora)
     model.labelled_logits_only = args.loss == "labelled"
     if args.activation_checkpointing:
-        model.language_model.activation_checkpointing_enable()
+        model.activation_checkpointing_enable()  # the LLM's decoder layers only
     compiled_layers = compile_llm_layers(model, args.compile_backend) if args.compile else 0
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -240,7 +237,7 @@ def run(args: argparse.Namespace, device: torch.device, smoke: bool) -> dict[str
         "loss_last": round(float(losses[-1]), 4),
         "finite": bool(all(torch.isfinite(loss) for loss in losses)),
         "params": {
-            "llm": count_parameters(model.language_model),
+            "llm": count_parameters(model.language_model) + count_parameters(model.lm_head),
             "towers": count_parameters(model.clip_tower) + count_parameters(model.dino_tower),
             "trainable": sum(p.numel() for p in trainable),
         },

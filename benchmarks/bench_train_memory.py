@@ -178,10 +178,8 @@ def make_batch(config: CommConfig, batch_size: int, text_tokens: int, seed: int)
 
 
 def enable_llm_checkpointing(model: CommForConditionalGeneration) -> None:
-    """Activation checkpointing of the LLM's decoder layers (``gradient_checkpointing_enable`` in older names)."""
-    llm = model.language_model
-    enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
-    enable()
+    """Activation checkpointing of the LLM's decoder layers (the model never checkpoints its frozen towers)."""
+    model.activation_checkpointing_enable()
 
 
 def run_worker(config_name: str, variant: str, batch_size: int, text_tokens: int, steps: int, seed: int) -> dict:

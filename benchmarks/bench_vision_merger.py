@@ -41,7 +41,8 @@ def build_vision_path(config: CommConfig, seed: int = 0) -> CommForConditionalGe
     """
     with torch.device("meta"):
         model = CommForConditionalGeneration(config)
-    model.language_model = nn.Module()  # the 7B LLM is never allocated
+    model.language_model = nn.Module()  # the 7B LLM is never allocated, nor its head
+    model.lm_head = nn.Module()
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     initialize_sub_models(model)  # each tower with its own init scheme, as `from_config` gives
@@ -70,7 +71,7 @@ def head_with_cached_towers(
         model.clip_tower.forward = lambda _pixels: clip_states
         model.dino_tower.forward = lambda _pixels: dino_states
         try:
-            return model.get_image_features(px_clip, px_dino)
+            return model.get_image_features(px_clip, px_dino).pooler_output
         finally:
             del model.clip_tower.forward, model.dino_tower.forward
 

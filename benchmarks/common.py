@@ -327,11 +327,12 @@ def initialize_sub_models(module: torch.nn.Module) -> None:
 
     Called from the composite COMM model instead, transformers treats them as custom code and skips their
     model-specific re-inits (CLIP's scaled attention and MLP stds): alone, they get the init `from_config` gives.
+    COMM's own models (`CommModel`) are looked into.
     """
     from transformers import PreTrainedModel
 
     for child in module.children():
-        if isinstance(child, PreTrainedModel):
+        if isinstance(child, PreTrainedModel) and not child.is_custom_code():
             child.initialize_weights()
         else:
             initialize_sub_models(child)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from comm import CommConfig, CommForConditionalGeneration, CommProcessor
 from comm.conversation import VICUNA_V1
-from comm.model.loss import IGNORE_INDEX, decoder_and_head, labelled_positions
+from comm.model.loss import IGNORE_INDEX, labelled_positions
 from comm.training.arguments import ModelArguments
 from comm.training.train import configure_trainable
 
@@ -105,7 +105,6 @@ def test_labelled_loss_through_lora(tiny_model_dir):
         if "lora_B" in name:  # peft starts B at zero: move it so the adapters change the forward
             param.data.normal_(0, 0.02)
     model.train()
-    assert decoder_and_head(model.language_model) is not None
     batch = training_batch(CommProcessor.from_pretrained(tiny_model_dir))
     full = loss_and_grads(model, batch, labelled=False)
     labelled = loss_and_grads(model, batch, labelled=True)
@@ -113,8 +112,8 @@ def test_labelled_loss_through_lora(tiny_model_dir):
     assert any("lora_A" in name for name in labelled[2]) and labelled[1][0] < full[1][0] * full[1][1]
 
 
-def test_llm_that_transforms_its_logits_keeps_its_own_loss():
-    """Gemma-2 softcaps its logits after the LM head: it falls back to its own full-logits loss (same value)."""
+def test_labelled_loss_of_an_llm_that_softcaps_its_logits():
+    """Gemma-2 softcaps its logits after the LM head: the labelled positions' logits are softcapped too."""
     text_config = {
         "model_type": "gemma2",
         "vocab_size": 512,
@@ -128,7 +127,6 @@ def test_llm_that_transforms_its_logits_keeps_its_own_loss():
     }
     torch.manual_seed(0)
     model = CommForConditionalGeneration(CommConfig.tiny(image_token_index=500, text_config=text_config)).train()
-    assert decoder_and_head(model.language_model) is None
     ids = torch.randint(0, 400, (2, 24))
     ids[:, 4:20] = 500
     labels = ids.clone()
@@ -138,4 +136,6 @@ def test_llm_that_transforms_its_logits_keeps_its_own_loss():
     full = loss_and_grads(model, batch, labelled=False)
     labelled = loss_and_grads(model, batch, labelled=True)
     assert_same(full, labelled)
-    assert labelled[1] == full[1] == (2, 24, 512)
+    assert full[1] == (2, 24, 512) and labelled[1] == (2 * 4, 512)  # positions 19..22 predict labels 20..23
+    model.labelled_logits_only = True
+    assert model(**batch).logits.abs().max() <= 5.0

@@ -112,8 +112,8 @@ def weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def initial_weights(world) -> dict[str, torch.Tensor]:
-    """The model `main` builds from the components before training (same seed, same random vision modules)."""
+def initial_model_dir(world, tmp_path_factory) -> Path:
+    """The model `main` builds from the components before training (same seed, same random vision modules), saved."""
     set_seed(SEED)
     model, _ = build_from_components(
         world["components"]["clip"],
@@ -123,7 +123,15 @@ def initial_weights(world) -> dict[str, torch.Tensor]:
         model_max_length=256,
         **{k: getattr(CommConfig.tiny(), k) for k in ("grid_size", "dino_image_size", "clip_layers", "dino_layers")},
     )
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    folder = tmp_path_factory.mktemp("initial")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def initial_weights(initial_model_dir) -> dict[str, torch.Tensor]:
+    """The initial model's checkpoint tensors (named as exports name them)."""
+    return weights(initial_model_dir)
 
 
 def group(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -310,8 +318,9 @@ def test_deepspeed_zero3(world, initial_weights, tmp_path):
     # the checkpoint holds what trains, gathered from the ZeRO-3 partitions, and never the frozen towers
     trained = safetensors.torch.load_file(str(out / "checkpoint-6" / TRAINABLE_WEIGHTS))
     assert not any("_tower." in key for key in trained)
+    loaded = CommForConditionalGeneration.from_pretrained(out / "final").state_dict()
     for key, value in trained.items():
-        assert torch.equal(value, exported[key]), key
+        assert torch.equal(value, loaded[key]), key
     module_states = torch.load(
         out / "checkpoint-6" / "global_step6" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False
     )
@@ -323,17 +332,14 @@ def test_deepspeed_zero3(world, initial_weights, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def peft_merged(
-    export_dir: Path, initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], r: int, alpha: int
-) -> dict[str, torch.Tensor]:
+def peft_merged(initial_dir: Path, trained: dict[str, torch.Tensor], r: int, alpha: int) -> dict[str, torch.Tensor]:
     """What peft's own ``merge_and_unload`` makes of the initial model plus a checkpoint's trained weights."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, LoraModel
 
-    reference = CommForConditionalGeneration.from_pretrained(export_dir)  # any model of the same shape
-    reference.load_state_dict(initial)
+    reference = CommForConditionalGeneration.from_pretrained(initial_dir)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
-    reference.language_model = get_peft_model(reference.language_model, config)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
+    reference.language_model = LoraModel(reference.language_model, config, "default")  # LoRA on the LLM's body
     _, unexpected = reference.load_state_dict(trained, strict=False)
     assert not unexpected
     reference.language_model = reference.language_model.merge_and_unload()
@@ -341,24 +347,24 @@ def peft_merged(
 
 
 def assert_lora_export(
-    export_dir: Path, checkpoint: Path, initial: dict[str, torch.Tensor], components: dict, r: int = 4, alpha: int = 8
+    export_dir: Path, checkpoint: Path, initial_dir: Path, components: dict, r: int = 4, alpha: int = 8
 ) -> None:
     """The export is a plain loadable model whose LLM is peft's merge of the checkpoint's adapters."""
-    exported = weights(export_dir)  # on-disk names (transformers writes DINOv2's legacy names)
+    exported = weights(export_dir)  # checkpoint names (the layout save_pretrained writes)
+    initial = weights(initial_dir)
     assert not any("lora" in key or "base_layer" in key for key in exported)
-    assert len(exported) == len(initial)
-    loaded = CommForConditionalGeneration.from_pretrained(export_dir).state_dict()
-    assert set(loaded) == set(initial)  # nothing missing or unexpected
-    assert changed_groups(loaded, initial) == set(TRAINED_GROUPS)
+    assert set(exported) == set(initial)  # nothing missing or unexpected
+    assert changed_groups(exported, initial) == set(TRAINED_GROUPS)
     assert_towers_equal_components(exported, components)
+    loaded = CommForConditionalGeneration.from_pretrained(export_dir).state_dict()
     trained = safetensors.torch.load_file(str(checkpoint / TRAINABLE_WEIGHTS))
     assert any(".lora_A." in key for key in trained) and not any("_tower." in key for key in trained)
-    for key, value in peft_merged(export_dir, initial, trained, r, alpha).items():
+    for key, value in peft_merged(initial_dir, trained, r, alpha).items():
         torch.testing.assert_close(loaded[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_offload_lora_export(world, initial_weights, tmp_path):
+def test_deepspeed_zero3_offload_lora_export(world, initial_model_dir, tmp_path):
     # The export gathers the ZeRO-3 partitions and merges LoRA on the main process only.
     out = tmp_path / "zero3_lora"
     launch_deepspeed(
@@ -366,7 +372,7 @@ def test_deepspeed_zero3_offload_lora_export(world, initial_weights, tmp_path):
          "--lora_dropout", "0", "--deepspeed", str(ZERO_CONFIGS / "zero3_offload.json"),
          "--per_device_train_batch_size", "2", "--max_steps", "3", "--output_dir", str(out), "--save_steps", "3"]
     )  # fmt: skip
-    assert_lora_export(out / "final", out / "checkpoint-3", initial_weights, world["components"])
+    assert_lora_export(out / "final", out / "checkpoint-3", initial_model_dir, world["components"])
 
 
 class StopAtStep(TrainerCallback):
@@ -419,7 +425,7 @@ def test_projector_only_checkpoints_hold_only_the_vision_side(world, initial_wei
     checkpoint = out / "checkpoint-2"
     trained = safetensors.torch.load_file(str(checkpoint / TRAINABLE_WEIGHTS))
     vision_keys = {k for k in initial_weights if k.split(".")[0] in VISION_MODULES}
-    assert set(trained) == vision_keys
+    assert {k.removeprefix("model.") for k in trained} == vision_keys
     assert not (checkpoint / "model.safetensors").exists()
     optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(vision_keys)
@@ -432,7 +438,7 @@ def test_projector_only_checkpoints_hold_only_the_vision_side(world, initial_wei
     assert_towers_equal_components(exported, world["components"])
 
 
-def test_lora_export_is_merged_and_loads(world, initial_weights, tmp_path, capsys):
+def test_lora_export_is_merged_and_loads(world, initial_model_dir, tmp_path, capsys):
     out = tmp_path / "lora"
     result = train(
         [*world["from_components"], *world["common"], "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
@@ -441,7 +447,7 @@ def test_lora_export_is_merged_and_loads(world, initial_weights, tmp_path, capsy
     )  # fmt: skip
     bar = capsys.readouterr().err
     assert "samples/s=" in bar and "loss=" in bar and "lr=" in bar
-    assert_lora_export(result.export_dir, out / "checkpoint-2", initial_weights, world["components"])
+    assert_lora_export(result.export_dir, out / "checkpoint-2", initial_model_dir, world["components"])
 
 
 def test_strict_mode_stops_the_run_before_training(world, tmp_path):

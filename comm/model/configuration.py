@@ -72,6 +72,9 @@ class CommConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        # The LM head lives beside the LLM's body (as in Llava): an LLM that ties them keeps them tied.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
         if self.clip_layers is None:
             self.clip_layers = list(range(1, self.clip_config.num_hidden_layers + 1))
         if self.dino_layers is None:

@@ -26,7 +26,7 @@ from comm.model.modeling import CommForConditionalGeneration
 from comm.processing import CommProcessor
 from comm.training.arguments import CommTrainingArguments, DataArguments, ModelArguments, parse_arguments
 from comm.training.plots import plot_loss
-from comm.training.trainer import CommTrainer, ProgressBarCallback, zero3_init_disabled
+from comm.training.trainer import CommTrainer, ProgressBarCallback, add_lora, zero3_init_disabled
 
 EXPORT_FOLDER = "final"
 DATA_SUMMARY = "data_summary.json"
@@ -92,10 +92,11 @@ def load_model(
 
 
 def configure_trainable(model: CommForConditionalGeneration, model_args: ModelArguments) -> None:
-    """Set what trains: towers never; the vision-side modules always; the LLM fully, through LoRA, or not at all."""
+    """Set what trains: towers never; the vision-side modules always; the LLM (body and head) fully, through LoRA on
+    its body, or not at all."""
     model.requires_grad_(False)
     if model_args.lora_r:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         config = LoraConfig(
             r=model_args.lora_r,
@@ -103,11 +104,11 @@ def configure_trainable(model: CommForConditionalGeneration, model_args: ModelAr
             lora_dropout=model_args.lora_dropout,
             target_modules=list(model_args.lora_target_modules),
             bias="none",
-            task_type="CAUSAL_LM",
         )
-        model.language_model = get_peft_model(model.language_model, config)
+        add_lora(model, config)
     elif model_args.tune == "all":
         model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     for module in model.trainable_vision_modules().values():
         module.requires_grad_(True)
     model.freeze_towers()

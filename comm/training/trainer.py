@@ -162,10 +162,21 @@ class CommTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+def add_lora(model: CommForConditionalGeneration, config: LoraConfig) -> None:
+    """Put LoRA adapters on the LLM's decoder body, in place (``model.language_model`` becomes a peft ``LoraModel``).
+
+    peft's ``LoraModel`` rather than ``get_peft_model``: the latter's ``PeftModel`` reads transformers' deprecated
+    ``is_gradient_checkpointing``, and COMM needs none of what it adds (the LLM body is wrapped, not the whole model).
+    """
+    from peft import LoraModel
+
+    model.language_model = LoraModel(model.language_model, config, "default")
+
+
 def lora_config(model: CommForConditionalGeneration) -> LoraConfig | None:
     """The LoRA config of the model's LLM when peft wraps it, else None."""
     peft_config = getattr(model.language_model, "peft_config", None)
-    return peft_config[model.language_model.active_adapter] if peft_config else None
+    return peft_config[model.language_model.active_adapters[0]] if peft_config else None
 
 
 def plain_model(
@@ -174,16 +185,14 @@ def plain_model(
     """A `CommForConditionalGeneration` holding ``state_dict`` (every key must match); a LoRA LLM merged by peft.
 
     The model is built on the meta device and takes the state dict's tensors as they are (no second copy of the
-    weights), so it works from a ZeRO-3 state dict gathered on the main process. With ``lora`` the state dict is a
-    peft-wrapped LLM's: peft's ``merge_and_unload`` folds the adapters in, on copies of the base weights.
+    weights), so it works from a ZeRO-3 state dict gathered on the main process. With ``lora`` the state dict is one
+    of a model given `add_lora`: peft's ``merge_and_unload`` folds the adapters in, on copies of the base weights.
     """
     with zero3_init_disabled():
         with torch.device("meta"):
             model = CommForConditionalGeneration(config)
             if lora is not None:
-                from peft import get_peft_model
-
-                model.language_model = get_peft_model(model.language_model, lora)
+                add_lora(model, lora)
         model.load_state_dict(state_dict, strict=True, assign=True)
     if lora is not None:
         model.language_model = model.language_model.merge_and_unload(safe_merge=True)

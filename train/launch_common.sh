@@ -37,7 +37,7 @@ comm_launch_setup() {
         IMAGE_ARGS=(--image_folder "$IMAGE_FOLDER")
     fi
 
-    # The paper recipe both stages share: full tuning, AdamW, cosine, warmup 3%, bf16, gradient checkpointing.
+    # The paper recipe both stages share: full tuning, AdamW, cosine, warmup 3%, bf16, activation checkpointing.
     TRAIN_ARGS=(
         --output_dir "$OUTPUT_DIR"
         --tune all
@@ -47,7 +47,7 @@ comm_launch_setup() {
         --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0.0
         --optim adamw_torch
         --bf16 True
-        --gradient_checkpointing True
+        --activation_checkpointing True
         --model_max_length "$MODEL_MAX_LENGTH"
         --group_by_length True
         --dataloader_num_workers "$WORKERS"

@@ -7,7 +7,7 @@ by the training code itself (`comm.training.train.configure_trainable`, ``--tune
 projector; towers frozen). Variants:
 
 * ``frozen``: the model as it is (towers under ``torch.no_grad``, ``requires_grad=False``);
-* ``naive``: what an implementation that forgets to freeze does: `FrozenVisionTower.forward` monkeypatched to its
+* ``naive``: what an implementation that forgets to freeze does: `FrozenVisionTower.encode` monkeypatched to its
   undecorated function and the towers' parameters ``requires_grad_(True)`` (their activations are kept for autograd
   and their gradients computed), but the optimizer is the same (no update of the towers);
 * ``checkpointing``: ``frozen`` plus activation (gradient) checkpointing of the LLM's decoder layers.
@@ -201,7 +201,7 @@ def run_worker(config_name: str, variant: str, batch_size: int, text_tokens: int
     towers = (model.clip_tower, model.dino_tower)
     tower_params = sum(count_parameters(t) for t in towers)
     if variant == "naive":
-        FrozenVisionTower.forward = FrozenVisionTower.forward.__wrapped__  # drop @torch.no_grad()
+        FrozenVisionTower.encode = FrozenVisionTower.encode.__wrapped__  # drop @torch.no_grad()
         for tower in towers:
             tower.requires_grad_(True)
     elif variant == "checkpointing":

@@ -72,24 +72,26 @@ def test_generate_continues_a_conversation_from_its_returned_cache(tiny):
 
 
 def test_a_conversation_continues_with_a_new_image(tiny):
-    """The second turn's image is read at the continued prefill, whether all images are passed or only the new one."""
+    """Each row's second image is read at the continued prefill, whether all images are passed or only the new ones."""
     model, processor = tiny
     config = model.config
-    first_image, second_image = noise_image(50, 80, 2), noise_image(70, 30, 3)
-    turn = processor(text=[VICUNA_V1.prompt(QUESTIONS[0])], images=[first_image])
-    first = model.generate(**turn, max_new_tokens=3, **GREEDY)
+    inputs = batch(processor)
+    first = model.generate(**inputs, max_new_tokens=3, **GREEDY)
     block = [config.image_start_token_index, *[config.image_token_index] * config.num_image_tokens]
-    second_turn = torch.tensor([[*processor.tokenizer.encode("And here?", add_special_tokens=False), *block]])
-    second_turn = torch.cat([second_turn, torch.tensor([[config.image_end_token_index]])], dim=1)
-    ids = torch.cat([first.sequences, second_turn], dim=1)
-    pixels = {
-        key: torch.cat([turn[key], processor(text=[QUESTIONS[0]], images=[second_image])[key]])
-        for key in ("pixel_values_clip", "pixel_values_dino")
-    }
-    expected = model.generate(input_ids=ids, **pixels, max_new_tokens=3, **GREEDY).sequences
-    for given in (pixels, {key: value[1:] for key, value in pixels.items()}):
-        continued = model.generate(input_ids=ids, **given, cache=copy.deepcopy(first.cache), max_new_tokens=3, **GREEDY)
-        assert torch.equal(continued.sequences, expected)
+    turn = [*processor.tokenizer.encode("And here?", add_special_tokens=False), *block, config.image_end_token_index]
+    ids = torch.cat([first.sequences, torch.tensor([turn, turn])], dim=1)
+    mask = torch.nn.functional.pad(inputs["attention_mask"], (0, ids.shape[1] - inputs["input_ids"].shape[1]), value=1)
+    new = processor(text=[QUESTIONS[0]] * 2, images=[noise_image(50, 80, 2), noise_image(70, 30, 3)])
+    pixel_keys = ("pixel_values_clip", "pixel_values_dino")
+    # images in reading order: row 0's two, then row 1's
+    every = {key: torch.stack([inputs[key][0], new[key][0], inputs[key][1], new[key][1]]) for key in pixel_keys}
+    options = {"max_new_tokens": 3, "output_logits": True, **GREEDY}
+    expected = model.generate(input_ids=ids, attention_mask=mask, **every, **options)
+    for given in (every, {key: new[key] for key in pixel_keys}):
+        cache = copy.deepcopy(first.cache)
+        continued = model.generate(input_ids=ids, attention_mask=mask, **given, cache=cache, **options)
+        assert torch.equal(continued.sequences, expected.sequences)
+        torch.testing.assert_close(continued.logits, expected.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_forward_takes_and_returns_the_cache(tiny):

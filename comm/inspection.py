@@ -24,6 +24,7 @@ PARTS = (
     "dino_aligner",
     "projector",
     "language_model",
+    "lm_head",
 )
 MERGERS = ("clip_merger", "dino_merger")
 
@@ -51,7 +52,7 @@ def initial_layer_weight(model: CommForConditionalGeneration, tower: str) -> flo
 
 
 def model_parts(model: CommForConditionalGeneration) -> list[dict[str, Any]]:
-    """Each part (towers, mergers, aligners, projector, LLM) with its parameter count and how many of them train."""
+    """Each part (towers, mergers, aligners, projector, LLM decoder, LM head) with its parameter count and how many of them train."""
     rows = []
     for name in PARTS:
         parameters = list(getattr(model, name).parameters())

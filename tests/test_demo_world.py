@@ -12,17 +12,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from comm.conversation import CAPTION_PROMPT, VICUNA_V1, rec_prompt
+from comm.demo.scenes import COLOURS, Scene, WorldConfig, WorldObject, load_scenes
 from comm.demo.tokenizer import train_demo_tokenizer
-from comm.demo.world import (
-    COLOURS,
-    Scene,
-    WorldConfig,
-    WorldFiles,
-    WorldObject,
-    all_texts,
-    generate_world,
-    load_scenes,
-)
+from comm.demo.world import WorldFiles, all_texts, generate_world
 
 SMALL = WorldConfig(seed=7, num_train_images=60, num_test_images=24, image_size=64)
 VICUNA_EXAMPLE = (

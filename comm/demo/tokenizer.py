@@ -32,11 +32,13 @@ def template_texts() -> list[str]:
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     """Spaces become ``▁`` glued to the next word; punctuation, newlines and each digit stand alone."""
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement=SPACE_MARKER, prepend_scheme="never", split=True),
-        pre_tokenizers.Split(Regex(ISOLATED_CHARACTERS), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement=SPACE_MARKER, prepend_scheme="never", split=True),
+            pre_tokenizers.Split(Regex(ISOLATED_CHARACTERS), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
 
 
 def train_demo_tokenizer(

@@ -52,7 +52,7 @@ def initial_layer_weight(model: CommForConditionalGeneration, tower: str) -> flo
 
 
 def model_parts(model: CommForConditionalGeneration) -> list[dict[str, Any]]:
-    """Each part (towers, mergers, aligners, projector, LLM decoder, LM head) with its parameter count and how many of them train."""
+    """Each part (towers, mergers, aligners, projector, LLM decoder, LM head): its parameters and how many train."""
     rows = []
     for name in PARTS:
         parameters = list(getattr(model, name).parameters())

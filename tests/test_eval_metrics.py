@@ -460,3 +460,15 @@ def test_score_captions() -> None:
         score_captions({1: "a", 2: "b"}, references)
     with pytest.raises(ValueError, match=r"1 unknown id\(s\) in the predictions \(first: '4'\)"):
         score_captions({**exact, 4: "extra"}, references)
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    """The temporary file behind an atomic write is 0600; the result must carry the usual umask-based mode."""
+    from comm.evaluation.files import write_json, write_jsonl
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+    (tmp_path / "plain.txt").write_text("x")
+    expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    for name in ("a.json", "b.jsonl"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from comm.conversation import VICUNA_V1, ConversationTemplate
+from comm.conversation import ConversationTemplate
 from comm.model.modeling import CommForConditionalGeneration
 from comm.processing import CommProcessor, ImageInput
 
@@ -31,7 +31,7 @@ def generate_answers(
     images: Sequence[ImageInput],
     questions: Sequence[str],
     batch_size: int = 8,
-    template: ConversationTemplate = VICUNA_V1,
+    template: ConversationTemplate | None = None,
     progress: bool = False,
     description: str = "generating",
     prefetch: bool | None = None,
@@ -39,9 +39,10 @@ def generate_answers(
 ) -> list[str]:
     """Answer ``questions[i]`` about ``images[i]`` for every i, in input order.
 
-    Each question must hold one ``<image>`` placeholder. Prompts are rendered with ``template``, batched
-    ``batch_size`` at a time with left padding, and decoded greedily unless sampling arguments are passed
-    through ``generate_kwargs`` (``do_sample``, ``temperature``, ``top_p``, ``max_new_tokens``, ``streamer``...).
+    Each question must hold one ``<image>`` placeholder. Prompts are rendered with ``template`` (default: the
+    processor's, the one the model was trained with), batched ``batch_size`` at a time with left padding, and
+    decoded greedily unless sampling arguments are passed through ``generate_kwargs`` (``do_sample``,
+    ``temperature``, ``top_p``, ``max_new_tokens``, ``streamer``...).
     On CUDA the fast path is the default (`fast_generate_kwargs`; pass ``cache_implementation="dynamic"`` to
     leave it). ``prefetch`` preprocesses the next batch in a background thread while the current one generates
     (default: on CUDA, where the GPU would otherwise wait for the CPU; on a CPU both compete for the same cores).
@@ -63,6 +64,7 @@ def generate_answers(
             generate_kwargs.setdefault(key, None)
     if prefetch is None:
         prefetch = model.device.type == "cuda"
+    template = template or processor.template
 
     def preprocess(start: int) -> Any:
         chunk = slice(start, start + batch_size)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from comm.demo.run import DemoConfig, format_report, run
 from comm.pipeline import CommPipeline
@@ -15,6 +16,7 @@ def _short(out: Path) -> DemoConfig:
     return DemoConfig(
         out=out,
         steps=24,
+        stage1_fraction=0.35,  # 8 steps: enough for the stage-1 loss to fall
         train_images=80,
         test_images=4,
         batch_size=8,
@@ -39,6 +41,7 @@ def test_short_demo_runs_every_stage_and_is_deterministic(tmp_path):
         out / "eval_after" / "caption" / "metrics.json",
         out / "loss_curves.png",
         out / "rec_examples.png",
+        out / "layer_weights.png",
     ):
         assert path.is_file(), path
     report = json.loads((out / "report.json").read_text())
@@ -50,6 +53,12 @@ def test_short_demo_runs_every_stage_and_is_deterministic(tmp_path):
     assert report["loss"]["stage1"]["last"] < report["loss"]["stage1"]["first"]
     assert report["loss"]["stage2"]["last"] < report["loss"]["stage1"]["first"]
     assert len(report["captions"]) == 2
+    for tower, layers in (("clip", [1, 2, 3, 4]), ("dino", [3, 4])):
+        merged = report["layer_weights"][tower]
+        assert [layer for layer, _ in merged["weights"]] == layers
+        assert merged["gained"] == [layer for layer, weight in merged["weights"] if weight > merged["initial"]]
+    processor = CommPipeline.from_pretrained(report["checkpoint"]).processor
+    assert (processor.template.system, processor.box_decimals) == ("", 2)  # the demo's settings are saved
     assert "COMM demo report" in format_report(first)
     assert CommPipeline.from_pretrained(report["checkpoint"]).caption(str(out / "world" / "images" / "test_00000.png"))
 
@@ -57,3 +66,28 @@ def test_short_demo_runs_every_stage_and_is_deterministic(tmp_path):
     for task in ("rec", "pope", "caption"):
         assert second[task] == first[task], task
     assert second["loss"] == first["loss"]
+
+
+def test_shipped_towers_are_what_pretrain_towers_makes(tmp_path):
+    """A short pretraining writes towers with the shipped ones' configs and fixed sin-cos positions; the shipped
+    ones load as the demo loads them."""
+    from transformers import AutoConfig, AutoModel
+
+    from comm.demo.pretrain_towers import HELD_OUT, PretrainConfig, pretrain_towers, sincos_position_table
+    from comm.demo.run import SHIPPED_TOWERS
+
+    config = PretrainConfig(out=tmp_path, images=HELD_OUT + 16, clip_steps=4, dino_steps=4, batch=4)
+    paths = pretrain_towers(config)
+    table = sincos_position_table(8, 64, config.position_norm)
+    for name, path in paths.items():
+        made, shipped = (AutoConfig.from_pretrained(folder).to_diff_dict() for folder in (path, SHIPPED_TOWERS / name))
+        ignored = {"transformers_version", "_name_or_path"}
+        assert {k: v for k, v in made.items() if k not in ignored} == {
+            k: v for k, v in shipped.items() if k not in ignored
+        }
+        for folder in (path, SHIPPED_TOWERS / name):
+            embeddings = AutoModel.from_pretrained(folder).embeddings
+            positions = embeddings.position_embedding.weight if name == "clip" else embeddings.position_embeddings[0]
+            assert torch.allclose(positions[1:], table, atol=1e-6), (name, folder)
+    with pytest.raises(ValueError, match="images must exceed"):
+        pretrain_towers(PretrainConfig(out=tmp_path, images=HELD_OUT))

@@ -259,9 +259,31 @@ def test_pope_is_balanced_and_true(world: WorldFiles, scenes) -> None:
     assert hard >= len(rows) // 8
 
 
+def test_attribute_questions_are_true_and_name_a_unique_object(world: WorldFiles, scenes) -> None:
+    rows = json.loads(world.train_attributes.read_text())
+    assert rows and len({row["id"] for row in rows}) == len(rows)
+    per_image: dict[str, int] = {}
+    for row in rows:
+        question, answer = (turn["value"] for turn in row["conversations"])
+        assert question.startswith("<image>\n"), question
+        objects = scenes[row["image"]].objects
+        words = question.removeprefix("<image>\n").rstrip("?").split()
+        if words[:3] == ["What", "colour", "is"]:  # What colour is the SHAPE
+            named = [o for o in objects if o.shape == words[-1]]
+            assert len(named) == 1 and answer == named[0].colour.capitalize(), (row, objects)
+        else:  # What shape is the COLOUR object
+            assert words[:3] == ["What", "shape", "is"], question
+            named = [o for o in objects if o.colour == words[-2]]
+            assert len(named) == 1 and answer == named[0].shape.capitalize(), (row, objects)
+        per_image[row["image"]] = per_image.get(row["image"], 0) + 1
+    assert max(per_image.values()) <= SMALL.attribute_questions_per_image
+    assert len(per_image) >= 0.9 * SMALL.num_train_images  # only scenes of identical objects have none
+
+
 def test_all_texts_covers_train_files(world: WorldFiles) -> None:
     texts = all_texts(world)
     n_conversations = SMALL.num_train_images + len(json.loads(world.train_pope.read_text()))
+    n_conversations += len(json.loads(world.train_attributes.read_text()))
     assert len(texts) == 2 * n_conversations + len(_read_jsonl(world.train_rec))
     assert "Yes" in texts and "No" in texts and any(t.startswith("<image>\n") for t in texts)
 

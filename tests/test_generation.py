@@ -67,3 +67,33 @@ def test_a_generated_image_token_is_just_a_token(tiny):
     image_token = model.config.image_token_index
     output = model.generate(**inputs, max_new_tokens=3, do_sample=False, sequence_bias={(image_token,): 100.0})
     assert output[0, inputs["input_ids"].shape[1] :].tolist() == [image_token] * 3
+
+
+def test_prompts_follow_the_processors_template_unless_one_is_passed(tiny):
+    """A processor saved with another template (here no system prompt) is what generate_answers renders with."""
+    from dataclasses import replace
+
+    from comm.conversation import VICUNA_V1
+
+    model, base = tiny
+    processor = CommProcessor(
+        base.tokenizer,
+        base.clip_image_processor,
+        base.dino_image_processor,
+        num_image_tokens=base.num_image_tokens,
+        template=replace(VICUNA_V1, system=""),
+    )
+    seen: list[str] = []
+    real_call = CommProcessor.__call__
+
+    def recording_call(self, text=None, **kwargs):
+        seen.extend(text)
+        return real_call(self, text=text, **kwargs)
+
+    question = ["<image>\nWhat is this?"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CommProcessor, "__call__", recording_call)
+        generate_answers(model, processor, images()[:1], question, max_new_tokens=1)
+        generate_answers(model, processor, images()[:1], question, max_new_tokens=1, template=VICUNA_V1)
+    assert seen == [processor.template.prompt(question[0]), VICUNA_V1.prompt(question[0])]
+    assert seen[0].startswith("USER:") and seen[0] != seen[1]

@@ -1,4 +1,4 @@
-"""The text made from a demo scene: its caption, referring expressions for each object, and POPE questions."""
+"""The text made from a demo scene: its caption, referring expressions, POPE and attribute questions."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ CAPTION_QUESTIONS: tuple[str, ...] = (
     CAPTION_PROMPT,
 )
 POPE_QUESTION = "Is there a {colour} {shape} in the image?"
+COLOUR_QUESTION = "What colour is the {shape}?"
+SHAPE_QUESTION = "What shape is the {colour} object?"
 
 # Attribute sets an expression may name, shortest first; ("size", "colour", "shape") is always unique.
 _DESCRIPTION_LEVELS: tuple[tuple[str, ...], ...] = (
@@ -133,3 +135,20 @@ def pope_questions(scene: Scene, rng: random.Random, config: WorldConfig) -> lis
     pairs += [(POPE_QUESTION.format(colour=c, shape=s), False) for c, s in negatives]
     rng.shuffle(pairs)
     return pairs
+
+
+def attribute_questions(scene: Scene, rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """Up to ``count`` ``(question, answer)`` pairs asking one attribute of an object named by the other.
+
+    "What colour is the circle?" -> "Red" where the circle is the only circle, "What shape is the red object?"
+    -> "Circle" where it is the only red object. Unlike POPE's yes/no, the answer is a word the object's own
+    tokens carry, so the model first learns to read colours and shapes off the image and then to find the
+    object the question names; without them the demo's POPE stays at 0.50 (README, findings).
+    """
+    pairs = []
+    for obj in scene.objects:
+        if sum(other.shape == obj.shape for other in scene.objects) == 1:
+            pairs.append((COLOUR_QUESTION.format(shape=obj.shape), obj.colour.capitalize()))
+        if sum(other.colour == obj.colour for other in scene.objects) == 1:
+            pairs.append((SHAPE_QUESTION.format(colour=obj.colour), obj.shape.capitalize()))
+    return rng.sample(pairs, min(count, len(pairs)))

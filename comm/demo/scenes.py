@@ -121,6 +121,7 @@ class WorldConfig:
     min_gap: int = 2  # pixels between the boxes of two objects
     train_expressions_per_object: int = 2
     pope_pairs_per_image: int = 1  # yes/no question pairs per image (train and test)
+    attribute_questions_per_image: int = 2  # "What colour is the circle?" questions per train image (0: none)
     hard_negative_fraction: float = 0.5  # share of "no" objects sharing a colour or shape with the image
     relational_expressions: bool = True
 
@@ -162,6 +163,8 @@ class WorldConfig:
             raise ValueError(f"min_gap must be >= 0, got {self.min_gap}")
         if self.train_expressions_per_object < 1 or self.pope_pairs_per_image < 1:
             raise ValueError("train_expressions_per_object and pope_pairs_per_image must be >= 1")
+        if self.attribute_questions_per_image < 0:
+            raise ValueError(f"attribute_questions_per_image must be >= 0, got {self.attribute_questions_per_image}")
         if not 0.0 <= self.hard_negative_fraction <= 1.0:
             raise ValueError(f"hard_negative_fraction must lie in [0, 1], got {self.hard_negative_fraction}")
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from comm.conversation import CAPTION_PROMPT, IMAGE_PLACEHOLDER, VICUNA_V1, rec_prompt
+from comm.conversation import CAPTION_PROMPT, IMAGE_PLACEHOLDER, VICUNA_V1, ConversationTemplate, rec_prompt
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS: tuple[str, ...] = (UNK, BOS, EOS, PAD)  # ids 0, 1, 2, 3
@@ -21,12 +21,13 @@ ALPHABET: tuple[str, ...] = tuple(sorted(set(string.printable) - {" ", "\r", "\x
 DEFAULT_MODEL_MAX_LENGTH = 2048
 
 
-def template_texts() -> list[str]:
-    """Texts carrying every word of the prompts the demo uses (Vicuna system prompt, caption and REC prompts)."""
+def template_texts(template: ConversationTemplate = VICUNA_V1) -> list[str]:
+    """Texts carrying every word of the prompts the demo uses: ``template``'s roles and system prompt, the caption
+    and REC prompts (box digits are single tokens whatever the decimals)."""
     return [
-        VICUNA_V1.render([(f"{IMAGE_PLACEHOLDER}\nIs there a red circle in the image?", "Yes")]).text,
-        VICUNA_V1.prompt(CAPTION_PROMPT),
-        VICUNA_V1.prompt(rec_prompt("the red circle")) + " [0.123,0.456,0.789,0.900]" + VICUNA_V1.end_of_turn,
+        template.render([(f"{IMAGE_PLACEHOLDER}\nIs there a red circle in the image?", "Yes")]).text,
+        template.prompt(CAPTION_PROMPT),
+        template.prompt(rec_prompt("the red circle")) + " [0.123,0.456,0.789,0.900]" + template.end_of_turn,
     ]
 
 
@@ -46,8 +47,10 @@ def train_demo_tokenizer(
     extra_texts: Sequence[str] = (),
     vocab_size: int = 512,
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+    template: ConversationTemplate = VICUNA_V1,
 ) -> PreTrainedTokenizerFast:
-    """Train a BPE tokenizer on ``texts`` + ``extra_texts`` (+ the demo's prompt templates) and wrap it for HF.
+    """Train a BPE tokenizer on ``texts`` + ``extra_texts`` (+ the demo's prompts in ``template``, `template_texts`)
+    and wrap it for HF.
 
     Special tokens ``<unk>``, ``<s>``, ``</s>``, ``<pad>`` get ids 0-3. Spaces are SentencePiece-style ``▁``
     prefixes with no space prepended to the text, so ``decode(encode(text)) == text`` for any ASCII text
@@ -60,7 +63,7 @@ def train_demo_tokenizer(
     if model_max_length < 1:
         raise ValueError(f"model_max_length must be positive, got {model_max_length}")
     corpus = []
-    for text in [*texts, *extra_texts, *template_texts()]:
+    for text in [*texts, *extra_texts, *template_texts(template)]:
         if not isinstance(text, str):
             raise TypeError(f"texts and extra_texts must hold strings, got {type(text).__name__}")
         corpus.append(text)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from comm.conversation import IMAGE_PLACEHOLDER
-from comm.demo.annotations import CAPTION_QUESTIONS, caption, expression_pool, pope_questions
+from comm.demo.annotations import CAPTION_QUESTIONS, attribute_questions, caption, expression_pool, pope_questions
 from comm.demo.scenes import BACKGROUND, COLOURS, Scene, WorldConfig, render_scene, sample_scene
 from comm.evaluation.files import write_atomically, write_jsonl
 
@@ -28,6 +28,7 @@ class WorldFiles:
     train_captions: Path = field(init=False)
     train_rec: Path = field(init=False)
     train_pope: Path = field(init=False)
+    train_attributes: Path = field(init=False)
     test_captions: Path = field(init=False)
     test_rec: Path = field(init=False)
     test_pope: Path = field(init=False)
@@ -42,6 +43,7 @@ class WorldFiles:
             "train_captions": "train_captions.json",
             "train_rec": "train_rec.jsonl",
             "train_pope": "train_pope.json",
+            "train_attributes": "train_attributes.json",
             "test_captions": "test_captions.json",
             "test_rec": "test_rec.jsonl",
             "test_pope": "test_pope.json",
@@ -57,6 +59,7 @@ class WorldFiles:
             self.train_captions,
             self.train_rec,
             self.train_pope,
+            self.train_attributes,
             self.test_captions,
             self.test_rec,
             self.test_pope,
@@ -79,11 +82,13 @@ def generate_world(out_dir: Path | str, config: WorldConfig | None = None) -> Wo
     _remove_stale_images(files.images_dir, config)
     scenes = _draw_scenes(files.images_dir, config)
     train_captions, train_rec, train_pope = _train_records(scenes["train"], config)
+    train_attributes = _attribute_records(scenes["train"], config)
     test_captions, test_rec, test_pope = _test_records(scenes["test"], config, files.images_dir.name)
 
     _write_json(files.train_captions, train_captions)
     write_jsonl(files.train_rec, train_rec)
     _write_json(files.train_pope, train_pope)
+    _write_json(files.train_attributes, train_attributes)
     _write_json(files.test_captions, {"images": test_captions, "dataset": "comm-demo-world"})
     write_jsonl(files.test_rec, test_rec)
     write_jsonl(files.test_pope, test_pope)
@@ -98,6 +103,7 @@ def generate_world(out_dir: Path | str, config: WorldConfig | None = None) -> Wo
                 "train_captions": len(train_captions),
                 "train_rec": len(train_rec),
                 "train_pope": len(train_pope),
+                "train_attributes": len(train_attributes),
                 "test_captions": len(test_captions),
                 "test_rec": len(test_rec),
                 "test_pope": len(test_pope),
@@ -174,6 +180,19 @@ def _train_records(scenes: list[Scene], config: WorldConfig) -> tuple[Records, R
     return captions, rec, pope
 
 
+def _attribute_records(scenes: list[Scene], config: WorldConfig) -> Records:
+    """The train attribute-question conversations (LLaVA form), from their own random stream: adding them
+    leaves every other file of a world as it was."""
+    rng = random.Random(f"comm-demo-world:{config.seed}:train:attributes")
+    records: Records = []
+    for scene in scenes:
+        stem = Path(scene.image).stem
+        for question, answer in attribute_questions(scene, rng, config.attribute_questions_per_image):
+            question_id = f"{stem}_attribute_{len(records):06d}"
+            records.append(_conversation(question_id, scene.image, f"{IMAGE_PLACEHOLDER}\n{question}", answer))
+    return records
+
+
 def _test_records(scenes: list[Scene], config: WorldConfig, filepath: str) -> tuple[Records, Records, Records]:
     """The test Karpathy-style caption entries, REC rows and POPE questions (benchmark form) of ``scenes``."""
     text_rng = random.Random(f"comm-demo-world:{config.seed}:test:texts")
@@ -239,7 +258,7 @@ def _write_json(path: Path, data: Any) -> None:
 def all_texts(files: WorldFiles) -> list[str]:
     """Every text of the train files (questions, answers, expressions), in file order, for tokenizer training."""
     texts: list[str] = []
-    for path in (files.train_captions, files.train_pope):
+    for path in (files.train_captions, files.train_pope, files.train_attributes):
         for record in json.loads(path.read_text(encoding="utf-8")):
             texts.extend(turn["value"] for turn in record["conversations"])
     with open(files.train_rec, encoding="utf-8") as handle:

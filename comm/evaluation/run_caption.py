@@ -28,9 +28,7 @@ def predict_caption_batch(
 
     def answer(batch: list[CaptionSample], images: list[Any]) -> list[dict[str, Any]]:
         questions = [CAPTION_PROMPT] * len(batch)
-        captions = generate_answers(
-            model, processor, images, questions, batch_size=len(batch), template=processor.template, **generate_kwargs
-        )
+        captions = generate_answers(model, processor, images, questions, batch_size=len(batch), **generate_kwargs)
         return [
             {"id": sample.id, "image": sample.image, "caption": caption}
             for sample, caption in zip(batch, captions, strict=True)

@@ -111,7 +111,6 @@ def predict_pope_batch(
                 images,
                 prompts,
                 batch_size=len(prompts),
-                template=processor.template,
                 **generate_kwargs,
             )
             return [pope_record(q, text, model_id, {"answer_mode": "generate"}) for q, text in zip(batch, texts)]

@@ -49,9 +49,7 @@ def predict_rec_batch(
 
     def answer(batch: list[RecSample], images: list[Any]) -> list[dict[str, Any]]:
         questions = [rec_prompt(sample.expression) for sample in batch]
-        answers = generate_answers(
-            model, processor, images, questions, batch_size=len(batch), template=processor.template, **generate_kwargs
-        )
+        answers = generate_answers(model, processor, images, questions, batch_size=len(batch), **generate_kwargs)
         return [
             rec_record(sample, text, *image.size, processor.pad_to_square)
             for sample, image, text in zip(batch, images, answers, strict=True)

@@ -18,7 +18,7 @@ from comm.grounding import Grounding
 from comm.images import ImageInput, load_image
 from comm.loading import load_model_and_processor
 from comm.model.modeling import CommForConditionalGeneration
-from comm.processing import CommProcessor
+from comm.processing import CommProcessor, special_token_texts
 
 CAPTION_MAX_NEW_TOKENS = 64
 GROUND_MAX_NEW_TOKENS = 64  # "[0.123,0.456,0.789,0.999]" is ~27 LLaMA tokens (digits are single tokens)
@@ -181,6 +181,16 @@ class CommPipeline:
         """Each prompt holds one image placeholder (history included) and fits the model's context."""
         limit = self.processor.model_max_length
         earlier = sum(question.count(IMAGE_PLACEHOLDER) for question, _ in history)
+        special = special_token_texts(self.processor.tokenizer)
+        texts = [(f"question {i}", q) for i, q in enumerate(questions)]
+        texts += [(f"history turn {i}", text) for i, turn in enumerate(history) for text in turn]
+        for name, text in texts:
+            found = [token for token in special if token in text]
+            if found:
+                raise ValueError(
+                    f"{name} holds the text {found[0]!r}, which the tokenizer reads as its special token, not as "
+                    "text: remove it"
+                )
         for i, question in enumerate(questions):
             count = earlier + question.count(IMAGE_PLACEHOLDER)
             if count != 1:

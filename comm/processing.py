@@ -48,6 +48,15 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def special_token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The texts a tokenizer reads as special tokens wherever they appear (``</s>``, ``<s>``, the image tokens...).
+
+    Such a text inside a question or reply is not read as text: ``</s>`` in a reply becomes an end of sequence.
+    """
+    special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    return sorted(special | set(tokenizer.all_special_tokens))
+
+
 def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
     """Pad ``image`` to a square, centred, with ``color`` (Shikra/LLaVA ``expand2square``)."""
     width, height = image.size

@@ -420,6 +420,13 @@ def test_bad_texts_raise_before_generation(pipe, images, no_generation):
     streamer.end.assert_called_once()  # a consumer thread waiting on the streamer is released
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         pipe.caption(images[0], batch_size=0)
+    # Literal special-token text is refused, not read as the token (an end of sequence in mid-question).
+    with pytest.raises(ValueError, match="question 1 holds the text '</s>', which the tokenizer reads as its special"):
+        pipe.ask(images[:2], ["Fine?", "What is </s> here?"])
+    with pytest.raises(ValueError, match="question 0 holds the text '<s>'"):
+        pipe.ground(images[0], "the <s> cat")
+    with pytest.raises(ValueError, match="history turn 0 holds the text '</s>'"):
+        pipe.ask(images[0], "And now?", history=[("<image>\nWhat is it?", "A cat</s>")])
     no_generation.assert_not_called()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from comm.data.issues import IssueKind, Rejected
 from comm.data.samples import Sample
-from comm.processing import CommProcessor
+from comm.processing import CommProcessor, special_token_texts
 
 IGNORE_INDEX = -100
 
@@ -77,10 +77,8 @@ class SampleEncoder:
         self.model_max_length = model_max_length or processor.model_max_length
         self.image_token_id = processor.image_token_id
         self.dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32
-        # The tokenizer reads these texts as their special tokens wherever they appear, so "</s>" inside a reply
-        # would become an end of sequence the model learns to write mid-reply.
-        special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-        self.special_texts = sorted(special | set(tokenizer.all_special_tokens))
+        # "</s>" inside a reply would become an end of sequence the model learns to write mid-reply.
+        self.special_texts = special_token_texts(tokenizer)
 
     def special_token_in_text(self, sample: Sample) -> Rejected | None:
         """A `Rejected` when a question or reply of ``sample`` holds the text of a special token, else None."""

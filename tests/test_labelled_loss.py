@@ -97,6 +97,43 @@ def test_labelled_loss_with_num_items_in_batch(trainable_model):
     torch.testing.assert_close(labelled[0], mean / 3)  # the sum over this third of the accumulated tokens
 
 
+def test_sample_weighting_gives_every_sample_the_same_weight(trainable_model):
+    """loss_weighting="sample": the mean over labelled samples of each sample's mean token loss, computed here from
+    the full logits; with num_items_in_batch, the same scaled as the token-weighted loss is."""
+    model, batch = trainable_model
+    model.labelled_logits_only = False
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    targets = batch["labels"][:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
+    )
+    labelled = targets != IGNORE_INDEX
+    per_sample = [token_losses[row][labelled[row]].mean() for row in range(len(targets)) if labelled[row].any()]
+    assert len(per_sample) == 2 and labelled[0].sum() != labelled[1].sum()  # answers of different lengths
+    expected = torch.stack(per_sample).mean()
+
+    model.config.loss_weighting = "sample"
+    try:
+        for labelled_only in (True, False):  # sample weighting always takes the labelled-positions loss
+            loss, _, grads = loss_and_grads(model, batch, labelled=labelled_only)
+            torch.testing.assert_close(loss, expected, rtol=RTOL, atol=0)
+            assert grads
+        items = torch.tensor(3 * int(labelled.sum()))
+        loss = loss_and_grads(model, batch, labelled=True, num_items_in_batch=items)[0]
+        torch.testing.assert_close(loss, expected / 3, rtol=RTOL, atol=0)
+    finally:
+        model.config.loss_weighting = "token"
+    token_weighted = loss_and_grads(model, batch, labelled=True)[0]
+    torch.testing.assert_close(token_weighted, token_losses[labelled].mean(), rtol=RTOL, atol=0)
+    assert abs(token_weighted - expected) > 1e-3  # the two weightings differ on this batch
+
+
+def test_loss_weighting_is_checked():
+    with pytest.raises(ValueError, match="loss_weighting must be 'token' or 'sample'"):
+        CommConfig.tiny(loss_weighting="answer")
+
+
 def test_labelled_loss_through_lora(tiny_model_dir):
     model = CommForConditionalGeneration.from_pretrained(tiny_model_dir)
     configure_trainable(model, ModelArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0))

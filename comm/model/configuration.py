@@ -44,6 +44,8 @@ class CommConfig(PreTrainedConfig):
         dino_image_size: input side of the DINOv2 tower (its checkpoints are trained at 224).
         image_token_index / image_start_token_index / image_end_token_index: ids of the special tokens
             ``<im_patch>``, ``<im_start>``, ``<im_end>``, set when they are added to the tokenizer.
+        loss_weighting: "token" (every labelled token counts the same, transformers' causal-LM loss) or "sample"
+            (every sample counts the same whatever its answer length; `comm.model.loss`).
     """
 
     model_type = "comm"
@@ -69,6 +71,7 @@ class CommConfig(PreTrainedConfig):
     image_start_token_index: int | None = None
     image_end_token_index: int | None = None
     tie_word_embeddings: bool = False
+    loss_weighting: Literal["token", "sample"] = "token"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -86,6 +89,8 @@ class CommConfig(PreTrainedConfig):
         check_layers("dino_layers", self.dino_layers, self.dino_config.num_hidden_layers)
         if self.concat not in ("channel", "sequence"):
             raise ValueError(f"concat must be 'channel' or 'sequence', got {self.concat!r}")
+        if self.loss_weighting not in ("token", "sample"):
+            raise ValueError(f"loss_weighting must be 'token' or 'sample', got {self.loss_weighting!r}")
         if self.grid_size < 1:
             raise ValueError(f"grid_size must be >= 1, got {self.grid_size}")
         if self.dino_aligner_depth < 1 or self.dino_aligner_ratio < 1:

@@ -312,7 +312,8 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
 
     # With labels (training), apply the LM head and the loss only at the labelled positions (`comm.model.loss`):
     # same loss and gradients as the full-logits loss, a fraction of its logits memory and head FLOPs.
-    # False computes every position's logits and transformers' causal-LM loss (the reference tests compare with).
+    # False computes every position's logits and transformers' causal-LM loss (the reference tests compare with);
+    # config.loss_weighting="sample" always takes the labelled-positions loss, which implements it.
     labelled_logits_only: bool = True
 
     def __init__(self, config: CommConfig):
@@ -463,8 +464,15 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         loss = None
-        if labels is not None and shift_labels is None and self.labelled_logits_only:
-            loss, logits = labelled_causal_lm_loss(hidden_states, labels, self.compute_logits, num_items_in_batch)
+        sample_weighted = self.config.loss_weighting == "sample"
+        if labels is not None and shift_labels is None and (self.labelled_logits_only or sample_weighted):
+            loss, logits = labelled_causal_lm_loss(
+                hidden_states,
+                labels,
+                self.compute_logits,
+                num_items_in_batch,
+                weighting=self.config.loss_weighting,
+            )
         else:
             logits = self.compute_logits(slice_logits_to_keep(hidden_states, logits_to_keep))
             if labels is not None or shift_labels is not None:

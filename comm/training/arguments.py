@@ -59,6 +59,14 @@ class ModelArguments:
             "always frozen."
         },
     )
+    loss_weighting: Literal["token", "sample"] = field(
+        default="token",
+        metadata={
+            "help": "token: every labelled token counts the same (transformers' causal-LM loss); sample: every "
+            "sample counts the same whatever its answer length, so one-word answers (yes/no) are not drowned by "
+            "long ones (boxes) in a mixture."
+        },
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LLM (0: full fine-tuning)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})

@@ -81,6 +81,7 @@ def load_model(
             )
     if processor.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token (and no unk/eos token to use as one)")
+    model.config.loss_weighting = model_args.loss_weighting
     positions = getattr(model.config.text_config, "max_position_embeddings", None)
     if positions is not None and data_args.model_max_length > positions and training_args.process_index == 0:
         print(

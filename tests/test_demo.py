@@ -24,6 +24,8 @@ def _short(out: Path) -> DemoConfig:
         visualize=2,
         captions_shown=2,
         learning_rate=3e-3,
+        curve_every=5,
+        curve_items=6,
     )
 
 
@@ -42,6 +44,7 @@ def test_short_demo_runs_every_stage_and_is_deterministic(tmp_path):
         out / "loss_curves.png",
         out / "rec_examples.png",
         out / "layer_weights.png",
+        out / "learning_curves.png",
     ):
         assert path.is_file(), path
     report = json.loads((out / "report.json").read_text())
@@ -57,6 +60,13 @@ def test_short_demo_runs_every_stage_and_is_deterministic(tmp_path):
         merged = report["layer_weights"][tower]
         assert [layer for layer, _ in merged["weights"]] == layers
         assert merged["gained"] == [layer for layer, weight in merged["weights"] if weight > merged["initial"]]
+    steps1, steps2 = report["steps"]["stage1"], report["steps"]["stage2"]
+    expected = [("start", 0)]
+    for stage, steps in (("stage 1", steps1), ("stage 2", steps2)):
+        expected += [(stage, step) for step in range(1, steps + 1) if step % 5 == 0 or step == steps]
+    assert [(point["stage"], point["step"]) for point in report["curve"]] == expected
+    assert report["curve"][-1]["samples"] == 8 * (steps1 + steps2)
+    assert 0 <= report["baselines"]["rec"] < 0.5 and report["baselines"]["pope"] == 0.5
     processor = CommPipeline.from_pretrained(report["checkpoint"]).processor
     assert (processor.template.system, processor.box_decimals) == ("", 2)  # the demo's settings are saved
     assert "COMM demo report" in format_report(first)

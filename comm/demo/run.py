@@ -41,8 +41,8 @@ class DemoConfig:
 
     out: Path = Path("comm-demo")
     seed: int = 0
-    steps: int = 2200  # optimizer steps over both stages
-    stage1_fraction: float = 0.1  # share of the steps spent in stage 1
+    steps: int = 2500  # optimizer steps over both stages
+    stage1_fraction: float = 0.05  # share of the steps spent in stage 1
     batch_size: int = 32
     learning_rate: float = 2e-3
     train_images: int = 4000
@@ -194,10 +194,8 @@ def train_stage(
         "--max_steps", str(steps),
         "--per_device_train_batch_size", str(config.batch_size),
         "--learning_rate", str(config.learning_rate),
-        # One learning-rate schedule over both stages: stage 1 warms up and holds the peak, stage 2 decays it
-        # (restarting a warmup and a cosine per stage measured worse).
-        *(["--warmup_steps", str(max(1, round(0.03 * config.steps)))] if stage == 1 else []),
-        "--lr_scheduler_type", "constant_with_warmup" if stage == 1 else "cosine",
+        "--warmup_ratio", "0.03",
+        "--lr_scheduler_type", "cosine",
         "--weight_decay", "0.0",
         "--max_grad_norm", "1.0",
         "--logging_steps", str(max(1, steps // 60)),

@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         train(argv)
+        # Tear the process group down before the interpreter does: left to exit, its gloo/shm threads can die
+        # with "terminate called without an active exception" and a non-zero status after a successful run.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         return 0
 
     return run_command(run)

@@ -100,10 +100,21 @@ def _normalise(pixels: torch.Tensor, mean: list[float], std: list[float]) -> tor
     return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def _one_cycle(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    return torch.optim.lr_scheduler.OneCycleLR(
+def _optimizer(parameters: list[nn.Parameter], steps: int):
+    """AdamW (lr 1e-3, weight decay 0.05) and its one-cycle schedule over ``steps``: both towers train with them."""
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, 1e-3, total_steps=steps, pct_start=min(0.5, max(0.05, 3 / steps))
     )
+    return optimizer, schedule
+
+
+def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule) -> None:
+    """One optimizer and schedule step on ``loss``."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    schedule.step()
 
 
 def pretrain_clip(images: torch.Tensor, scenes: list[Scene], config: PretrainConfig, rng: random.Random):
@@ -131,8 +142,7 @@ def pretrain_clip(images: torch.Tensor, scenes: list[Scene], config: PretrainCon
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     parameters = [p for p in clip.parameters() if p.requires_grad] + list(text.parameters())
     parameters += list(image_head.parameters()) + list(text_head.parameters()) + [logit_scale]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.05)
-    schedule = _one_cycle(optimizer, config.clip_steps)
+    optimizer, schedule = _optimizer(parameters, config.clip_steps)
     trained = len(scenes) - HELD_OUT
     for _ in (bar := tqdm(range(config.clip_steps), desc="CLIP (contrastive)")):
         index = torch.randint(0, trained, (config.batch,))
@@ -149,10 +159,7 @@ def pretrain_clip(images: torch.Tensor, scenes: list[Scene], config: PretrainCon
         logits = logit_scale.exp().clamp(max=100) * image_embedding @ text_embedding.T
         target = torch.arange(len(index))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        _update(loss, optimizer, schedule)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return clip
 
@@ -176,8 +183,7 @@ def pretrain_dino(images: torch.Tensor, config: PretrainConfig) -> Dinov2Model:
     dino.embeddings.position_embeddings.requires_grad_(False)
     head = nn.Linear(WIDTH, PATCH_SIZE * PATCH_SIZE * 3)
     parameters = [p for p in dino.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.05)
-    schedule = _one_cycle(optimizer, config.dino_steps)
+    optimizer, schedule = _optimizer(parameters, config.dino_steps)
     trained = len(images) - HELD_OUT
     for _ in (bar := tqdm(range(config.dino_steps), desc="DINOv2 (masked patches)")):
         index = torch.randint(0, trained, (config.batch,))
@@ -189,10 +195,7 @@ def pretrain_dino(images: torch.Tensor, config: PretrainConfig) -> Dinov2Model:
         patches = batch.unfold(2, PATCH_SIZE, PATCH_SIZE).unfold(3, PATCH_SIZE, PATCH_SIZE)
         target = patches.permute(0, 2, 3, 1, 4, 5).reshape(len(index), side * side, -1)
         loss = (head(hidden[:, 1:]) - target).abs()[masked].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        _update(loss, optimizer, schedule)
         bar.set_postfix(l1=f"{loss.item():.4f}")
     return dino
 

@@ -25,6 +25,9 @@ from comm.demo.report import (
 )
 from comm.demo.tokenizer import train_demo_tokenizer
 from comm.demo.world import WorldConfig, WorldFiles, all_texts, generate_world
+from comm.evaluation.pope import load_pope_questions
+from comm.evaluation.rec import load_rec_jsonl
+from comm.loading import load_model_and_processor
 
 REPORT_FILE = "report.json"
 LOSS_CURVES = "loss_curves.png"
@@ -213,10 +216,6 @@ def start_curve(config: DemoConfig, model_dir: Path, world: WorldFiles) -> HeldO
     """The held-out learning curve (its first point measured on the untrained model), or None without one."""
     if not config.curve_every:
         return None
-    from comm.evaluation.pope import load_pope_questions
-    from comm.evaluation.rec import load_rec_jsonl
-    from comm.loading import load_model_and_processor
-
     model, processor = load_model_and_processor(model_dir)
     rec = load_rec_jsonl(world.test_rec, image_root=world.root)[: config.curve_items]
     pope = load_pope_questions(world.test_pope)[: config.curve_items]
@@ -229,12 +228,9 @@ def start_curve(config: DemoConfig, model_dir: Path, world: WorldFiles) -> HeldO
 def evaluate(config: DemoConfig, model_dir: Path, world: WorldFiles, out_dir: Path) -> dict[str, Any]:
     """Run the REC, POPE and caption evaluations on the held-out images through the eval code."""
     from comm.evaluation.caption import load_caption_file
-    from comm.evaluation.pope import load_pope_questions
-    from comm.evaluation.rec import load_rec_jsonl
     from comm.evaluation.run_caption import evaluate_captions
     from comm.evaluation.run_pope import evaluate_pope
     from comm.evaluation.run_rec import evaluate_rec
-    from comm.loading import load_model_and_processor
 
     model, processor = load_model_and_processor(model_dir)
     if out_dir.exists():
@@ -306,8 +302,6 @@ def run(config: DemoConfig) -> dict[str, Any]:
     weights_png = config.out / LAYER_WEIGHTS
     merged_layers = learned_layer_weights(stage2.export_dir, weights_png)
     pictures = {"loss_curves": str(loss_png), "rec_examples": str(rec_png), "layer_weights": str(weights_png)}
-    from comm.evaluation.rec import load_rec_jsonl
-
     baselines = {
         "rec": mean_box_accuracy(load_rec_jsonl(world.train_rec), load_rec_jsonl(world.test_rec)),
         "pope": 0.5,  # one answer for everything: the questions are balanced yes/no

@@ -7,6 +7,8 @@ from typing import Literal
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from comm.model.positions import IMAGE_POSITIONS
+
 # The paper's towers: CLIP ViT-L/14 at 336 px and DINOv2 ViT-L/14.
 CLIP_L14_336 = {
     "hidden_size": 1024,
@@ -46,6 +48,8 @@ class CommConfig(PreTrainedConfig):
             ``<im_patch>``, ``<im_start>``, ``<im_end>``, set when they are added to the tokenizer.
         loss_weighting: "token" (every labelled token counts the same, transformers' causal-LM loss) or "sample"
             (every sample counts the same whatever its answer length; `comm.model.loss`).
+        image_positions: the LLM's position ids for visual tokens: "sequential" (one per token, as LLaVA) or
+            "shared" (one per image, the text going on after it; `comm.model.positions`).
     """
 
     model_type = "comm"
@@ -72,6 +76,7 @@ class CommConfig(PreTrainedConfig):
     image_end_token_index: int | None = None
     tie_word_embeddings: bool = False
     loss_weighting: Literal["token", "sample"] = "token"
+    image_positions: Literal["sequential", "shared"] = "sequential"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -91,6 +96,8 @@ class CommConfig(PreTrainedConfig):
             raise ValueError(f"concat must be 'channel' or 'sequence', got {self.concat!r}")
         if self.loss_weighting not in ("token", "sample"):
             raise ValueError(f"loss_weighting must be 'token' or 'sample', got {self.loss_weighting!r}")
+        if self.image_positions not in IMAGE_POSITIONS:
+            raise ValueError(f"image_positions must be one of {IMAGE_POSITIONS}, got {self.image_positions!r}")
         if self.grid_size < 1:
             raise ValueError(f"grid_size must be >= 1, got {self.grid_size}")
         if self.dino_aligner_depth < 1 or self.dino_aligner_ratio < 1:

@@ -33,6 +33,7 @@ from comm.model.configuration import CommConfig
 from comm.model.head import check_head, transform_logits
 from comm.model.loss import labelled_causal_lm_loss
 from comm.model.merge import LLNLayerscale
+from comm.model.positions import image_position_ids
 from comm.model.towers import FrozenVisionTower
 
 # The image inputs of `forward` (what `CommProcessor` returns under these names): each tower's pixel values.
@@ -229,19 +230,22 @@ class CommModel(CommPreTrainedModel):
             **towers,
         )
 
+    def placeholders(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """``(batch, seq)``: True at the ``<im_patch>`` placeholders (from ``input_ids``, or their embedding)."""
+        token = self.config.image_token_index
+        if token is None:
+            raise ValueError("config.image_token_index is not set: the model has no image placeholder token")
+        if input_ids is not None:
+            return input_ids == token
+        placeholder = self.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))
+        return (inputs_embeds == placeholder).all(-1)
+
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
         """Where the visual tokens go, ``(batch, seq, 1)``: the ``<im_patch>`` placeholders (from ``input_ids``, or
         their embedding in ``inputs_embeds``); their number must match the images' visual tokens."""
-        token = self.config.image_token_index
-        if token is None:
-            raise ValueError("config.image_token_index is not set: the model has no image placeholder token")
-        if input_ids is None:
-            placeholder = self.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))
-            mask = (inputs_embeds == placeholder).all(-1)
-        else:
-            mask = input_ids == token
+        mask = self.placeholders(input_ids, inputs_embeds)
         count, expected = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
         if count > expected and mask.shape[0] == 1:
             # Assisted decoding runs the prompt and the candidate tokens in one forward, batch 1: placeholders after
@@ -277,6 +281,10 @@ class CommModel(CommPreTrainedModel):
             raise ValueError("pass both pixel_values_clip and pixel_values_dino")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if position_ids is None and self.config.image_positions == "shared":
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("with image_positions='shared', pass position_ids to continue a cache (generate does)")
+            position_ids = image_position_ids(self.placeholders(input_ids, inputs_embeds), attention_mask)
         image_outputs = None
         if pixel_values_clip is not None:
             image_outputs = self.get_image_features(pixel_values_clip, pixel_values_dino)
@@ -505,6 +513,10 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(
             input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
         )
+        if self.config.image_positions == "shared" and inputs.get("position_ids") is not None:
+            # transformers counts one position per token; recount the whole text so far, keep the new tokens'.
+            full = image_position_ids(input_ids == self.config.image_token_index, kwargs.get("attention_mask"))
+            inputs["position_ids"] = full[:, -inputs["position_ids"].shape[-1] :]
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in PIXEL_INPUTS:
                 inputs.pop(key, None)

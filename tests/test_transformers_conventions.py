@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from comm import CommConfig, CommForConditionalGeneration, CommProcessor
 from comm.conversation import VICUNA_V1
 from comm.model.modeling import CommImageOutput, CommModel
-from comm.model.towers import pool_to_grid
+from comm.model.towers import pool_to_grid, transformer_blocks
 from comm.training.arguments import ModelArguments
 from comm.training.train import configure_trainable
 
@@ -233,16 +233,30 @@ def checkpointing(model: CommForConditionalGeneration) -> dict[str, set[bool]]:
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_activation_checkpointing_is_on_the_llms_layers_only(tiny_model_dir, lora):
+def test_activation_checkpointing_marks_every_module_and_checkpoints_the_llms_layers(tiny_model_dir, lora):
+    """Every module with the flag gets it, as transformers does it; the towers are never re-run (see below)."""
     model = CommForConditionalGeneration.from_pretrained(tiny_model_dir)
     configure_trainable(model, ModelArguments(lora_r=4 if lora else 0))
     model.activation_checkpointing_enable()
-    assert checkpointing(model) == {"towers": {False}, "llm_layers": {True}} and model.is_activation_checkpointing
+    assert checkpointing(model) == {"towers": {True}, "llm_layers": {True}} and model.is_activation_checkpointing
     model.activation_checkpointing_disable()
     assert checkpointing(model) == {"towers": {False}, "llm_layers": {False}}
     with pytest.warns(FutureWarning, match="gradient_checkpointing_enable"):  # transformers' deprecated name
         model.gradient_checkpointing_enable()
-    assert checkpointing(model) == {"towers": {False}, "llm_layers": {True}}
+    assert checkpointing(model) == {"towers": {True}, "llm_layers": {True}}
+    model.activation_checkpointing_enable(every_n_layers=2)  # counts the LLM's layers alone
+    assert [layer.gradient_checkpointing for layer in model.get_decoder().layers] == [True, False]
+
+
+def count_runs(module: torch.nn.Module, runs: list) -> None:
+    """Append to ``runs`` each time ``module``'s forward runs (a checkpoint's recomputation skips module hooks)."""
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return forward(*args, **kwargs)
+
+    module.forward = counted
 
 
 def test_checkpointed_training_step_has_the_same_gradients(tiny_model_dir):
@@ -250,13 +264,18 @@ def test_checkpointed_training_step_has_the_same_gradients(tiny_model_dir):
     configure_trainable(model, ModelArguments(tune="all"))
     inputs = batch(CommProcessor.from_pretrained(tiny_model_dir), "right")
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    grads = []
+    grads, tower_runs, layer_runs = [], [], []
+    count_runs(transformer_blocks(model.clip_tower.encoder)[0].mlp, tower_runs)
+    count_runs(model.get_decoder().layers[0].mlp, layer_runs)
     for enable in (False, True):
         if enable:
             model.activation_checkpointing_enable()
+        tower_runs.clear(), layer_runs.clear()
         model.train().zero_grad()
         model(**inputs, labels=labels).loss.backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        # The checkpointed LLM layer runs again in the backward; the marked but frozen tower does not.
+        assert (len(tower_runs), len(layer_runs)) == (1, 2 if enable else 1)
     assert grads[0].keys() == grads[1].keys() and any(".layers." in name for name in grads[0])
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
@@ -319,6 +338,8 @@ def test_an_llm_with_tied_embeddings_keeps_them_tied(tmp_path):
     reloaded = CommForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
+    # Tensor parallelism shards the tied head and the embedding alike (the head is the embedding's parameter).
+    assert {"lm_head", "model.language_model.embed_tokens"} <= set(reloaded.tp_plan)
 
 
 # --- the LM head is the LLM's own ------------------------------------------------------------------------------------

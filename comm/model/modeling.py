@@ -136,11 +136,17 @@ class CommPreTrainedModel(PreTrainedModel):
     def _set_gradient_checkpointing(
         self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
     ) -> None:
-        # Only the LLM's decoder layers: the towers run without gradients and stay in eval mode, so checkpointing
-        # them would only re-run them in the backward.
+        # The LLM's decoder layers are checkpointed, ``every_n_layers`` counting them alone. The towers' modules take
+        # the flag too, as transformers gives it to every module that has one, but are never re-run: a tower stays in
+        # eval mode under torch.no_grad(), where a GradientCheckpointingLayer runs plainly.
         self.get_decoder()._set_gradient_checkpointing(
             enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, every_n_layers=every_n_layers
         )
+        for tower in (self.clip_tower, self.dino_tower):
+            for module in tower.modules():
+                if hasattr(module, "gradient_checkpointing"):
+                    module._gradient_checkpointing_func = gradient_checkpointing_func
+                    module.gradient_checkpointing = enable
 
 
 class CommModel(CommPreTrainedModel):
@@ -323,6 +329,9 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
     # False computes every position's logits and transformers' causal-LM loss (the reference tests compare with);
     # config.loss_weighting="sample" always takes the labelled-positions loss, which implements it.
     labelled_logits_only: bool = True
+    # Tensor parallelism shards the head by vocabulary like the LLM's own causal LM (and Llava): with tied weights the
+    # head is the embedding's parameter, which the LLM's plan shards too.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: CommConfig):
         check_head(config.text_config)

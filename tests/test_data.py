@@ -489,3 +489,26 @@ def test_blank_image_leaves_a_text_only_batch_loss_unchanged(tiny_model_dir):
     torch.testing.assert_close(loss_padded, loss_plain, rtol=1e-5, atol=1e-6)
     loss_padded.backward()
     assert model.projector.weight.grad is not None and not model.projector.weight.grad.any()
+
+
+def test_cached_images_are_preprocessed_once_and_give_the_same_items(llama_tokenizer, tmp_path, monkeypatch):
+    processor = processor_for(llama_tokenizer)
+    Image.new("RGB", (20, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (30, 20), (10, 10, 200)).save(tmp_path / "b.png")
+    records = [
+        {"image": image, "conversations": [message("human", f"<image>\nQ{i}"), message("gpt", "A.")]}
+        for i, image in enumerate(["a.png", "b.png", "a.png", "a.png"])
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    plain = build_dataset([DataSpec(tmp_path / "d.json")], processor, IssueLog(strict=True))
+    cached = build_dataset([DataSpec(tmp_path / "d.json")], processor, IssueLog(strict=True), cache_images=True)
+    calls = []
+    preprocess = processor.preprocess_images
+    monkeypatch.setattr(processor, "preprocess_images", lambda images: calls.append(images) or preprocess(images))
+    for _epoch in range(2):
+        for i in range(len(records)):
+            expected, got = plain[i], cached[i]
+            assert expected.keys() == got.keys()
+            for key in expected:
+                assert torch.equal(expected[key], got[key])
+    assert len(calls) == 2 * len(records) + 2  # the plain dataset every time, the cached one once per image

@@ -3,7 +3,7 @@
 `build_dataset` finds bad input before training starts: records are parsed (the file and line of each kept),
 images are checked (existence, header), conversations are validated and rendered with the processor's template,
 and every sample that will be used is tokenized once; the token ids and lengths are kept (lengths feed
-length-grouped batching) and only the images are decoded during training.
+length-grouped batching) and only the images are decoded during training (once per image with ``cache_images``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ class SupervisedDataset(Dataset):
     """Tokenized samples (ids and label ranges kept in memory) whose images are decoded in ``__getitem__``.
 
     ``order`` maps dataset positions to unique samples (a sample repeats when its source's ratio is above 1);
-    ``lengths`` are the token lengths in dataset order, for length-grouped batching.
+    ``lengths`` are the token lengths in dataset order, for length-grouped batching. With ``cache_images`` each
+    image's pixel values are kept after their first preprocessing (per worker process): nothing augments the images,
+    so an epoch over a small set then decodes and resizes each image once instead of once per sample using it.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class SupervisedDataset(Dataset):
         encoded: Sequence[EncodedSample],
         processor: CommProcessor,
         order: Sequence[int] | None = None,
+        cache_images: bool = False,
     ):
         if len(samples) != len(encoded):
             raise ValueError(f"{len(samples)} samples but {len(encoded)} encodings")
@@ -50,6 +53,7 @@ class SupervisedDataset(Dataset):
         self.order = np.arange(len(self.samples)) if order is None else np.asarray(order, dtype=np.int64)
         unique_lengths = np.diff(self._starts)
         self.lengths: list[int] = unique_lengths[self.order].tolist()
+        self.pixel_cache: dict[str, dict[str, torch.Tensor]] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.order)
@@ -72,16 +76,25 @@ class SupervisedDataset(Dataset):
         }
         sample = self.sample(position)
         if sample.image is not None:
-            try:
-                pixels = self.processor.preprocess_images([sample.image])
-            except (OSError, ValueError) as error:
-                issue = sample.issue(IssueKind.UNREADABLE_IMAGE, f"decoding {sample.image} failed: {error}")
-                raise UserError(
-                    f"{issue} (its header was fine when the data was checked: pass --verify_images to decode every "
-                    "image before training and skip the broken ones)"
-                ) from error
-            item.update(pixels)
+            item.update(self.pixels(sample))
         return item
+
+    def pixels(self, sample: Sample) -> dict[str, torch.Tensor]:
+        """Both towers' pixel values of ``sample``'s image (from the cache when it is on and holds them)."""
+        key = str(sample.image)
+        if self.pixel_cache is not None and key in self.pixel_cache:
+            return self.pixel_cache[key]
+        try:
+            pixels = dict(self.processor.preprocess_images([sample.image]))
+        except (OSError, ValueError) as error:
+            issue = sample.issue(IssueKind.UNREADABLE_IMAGE, f"decoding {sample.image} failed: {error}")
+            raise UserError(
+                f"{issue} (its header was fine when the data was checked: pass --verify_images to decode every "
+                "image before training and skip the broken ones)"
+            ) from error
+        if self.pixel_cache is not None:
+            self.pixel_cache[key] = pixels
+        return pixels
 
 
 def build_dataset(
@@ -94,8 +107,10 @@ def build_dataset(
     verify_images: bool = False,
     progress: bool = False,
     chunk_size: int = 512,
+    cache_images: bool = False,
 ) -> SupervisedDataset:
-    """Load, validate, sample (ratios) and tokenize the training files into one `SupervisedDataset`."""
+    """Load, validate, sample (ratios) and tokenize the training files into one `SupervisedDataset`
+    (``cache_images``: keep each image's pixel values after their first use, see `SupervisedDataset`)."""
     images = ImageChecker(verify=verify_images)
     sources = [
         load_samples(spec, issues, image_folder, images, processor.pad_to_square, processor.box_decimals)
@@ -128,4 +143,4 @@ def build_dataset(
         issues.used[file] += len(used)
         order.extend(used)
     bar.close()
-    return SupervisedDataset(unique_samples, unique_encoded, processor, order)
+    return SupervisedDataset(unique_samples, unique_encoded, processor, order, cache_images=cache_images)

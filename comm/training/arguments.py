@@ -128,6 +128,13 @@ class DataArguments:
     verify_images: bool = field(
         default=False, metadata={"help": "Decode every image at load time (default: open the header only)."}
     )
+    cache_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each image's pixel values in memory after its first use (small sets seen for many epochs; "
+            "about 2 x 3 x side^2 floats an image)."
+        },
+    )
 
     def validate(self) -> None:
         """Raise ValueError on impossible values."""

@@ -171,6 +171,7 @@ def train(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = 
         model_max_length=data_args.model_max_length,
         verify_images=data_args.verify_images,
         progress=is_main and not training_args.disable_tqdm,
+        cache_images=data_args.cache_images,
     )
     if is_main:
         print(issues.format_summary())

@@ -1,4 +1,4 @@
-"""Box format/parse/normalisation round-trips and the Vicuna v1.1 template."""
+"""Box format/parse/normalisation round-trips and the conversation templates (Vicuna v1.1, ChatML)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from comm.boxes import (
     validate_pixel_box,
     xywh_to_xyxy,
 )
-from comm.conversation import VICUNA_V1, ConversationTemplate, rec_prompt, with_image
+from comm.conversation import VICUNA_V1, ConversationTemplate, chatml, rec_prompt, with_image
 
 
 def test_format_has_three_decimals_and_clips():
@@ -113,3 +113,38 @@ def test_prompts():
     )
     assert with_image("Hi") == "<image>\nHi"
     assert with_image("<image> Hi") == "<image> Hi"
+
+
+def test_the_chatml_template_renders_chatml_and_its_jinja_says_the_same():
+    from jinja2 import Environment
+
+    template = chatml()
+    rendered = template.render([("<image>\nWhat is it?", "A cat."), ("Where?", "[0.1,0.2,0.3,0.4]")])
+    assert rendered.text == (
+        "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n"
+        "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n[0.1,0.2,0.3,0.4]<|im_end|>\n"
+    )
+    assert rendered.targets() == ["A cat.<|im_end|>", "[0.1,0.2,0.3,0.4]<|im_end|>"]  # not the newline after
+    assert template.reply_prefix == "" and VICUNA_V1.reply_prefix == " "
+    with_system = chatml("Be brief.")
+    assert with_system.prompt("Hi?") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert ConversationTemplate.from_dict(with_system.to_dict()) == with_system
+    with pytest.raises(ValueError, match="unknown conversation template style"):
+        ConversationTemplate(style="three")
+    history = [("What is it?", "A cat.")]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Where?"},
+    ]
+    for each in (template, with_system, VICUNA_V1):
+        jinja = Environment().from_string(each.chat_template())
+        expected = each.prompt("Where?", [("<image>\nWhat is it?", "A cat.")])
+        assert jinja.render(messages=messages, add_generation_prompt=True) == expected
+        finished = [*messages, {"role": "assistant", "content": "Here."}]
+        assert (
+            jinja.render(messages=finished)
+            == each.render([(f"<image>\n{history[0][0]}", "A cat."), ("Where?", "Here.")]).text
+        )

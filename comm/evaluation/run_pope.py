@@ -27,14 +27,15 @@ def answers_file(out_dir: str | os.PathLike[str], split: str) -> Path:
 
 
 def answer_token_id(tokenizer: Any, answer: str, template: ConversationTemplate = VICUNA_V1) -> int:
-    """The first token of ``answer`` as the assistant writes it after ``ASSISTANT:`` (with its leading space).
+    """The first token of ``answer`` as the assistant writes it after the prompt (``ASSISTANT:`` and a space, or
+    ChatML's assistant header: the template's ``reply_prefix``).
 
     Found by tokenizing a rendered prompt with and without the answer, so SentencePiece's ``▁Yes`` (the space
     glued to the word) is what comes out, not a bare ``Yes`` or a lone ``▁`` piece.
     """
     prompt = template.prompt("Is there a cat in the image?")
     prompt_ids = tokenizer(prompt)["input_ids"]
-    full_ids = tokenizer(prompt + f" {answer}")["input_ids"]
+    full_ids = tokenizer(prompt + template.reply_prefix + answer)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) <= len(prompt_ids):
         raise ValueError(
             f"the tokenizer does not tokenize the prompt the same with and without the answer {answer!r}: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -162,6 +163,29 @@ def build_from_components(
         tokenizer, config, clip, dino, model_max_length=model_max_length, template=template, box_decimals=box_decimals
     )
     return model, processor
+
+
+def save_gguf_llm(gguf_file: str | Path, folder: str | Path) -> Path:
+    """Write a GGUF causal LM (``llama.cpp``'s format; needs the ``gguf`` package) and its tokenizer, chat template
+    included, as an ordinary transformers folder: what `build_from_components` and ``--llm`` take.
+
+    transformers dequantizes the GGUF weights on loading but keeps the model marked as GGUF-quantized, which
+    ``save_pretrained`` refuses, so the weights move into a plain model of the same class and config first.
+    """
+    gguf_file, folder = Path(gguf_file), Path(folder)
+    source = {"pretrained_model_name_or_path": gguf_file.parent, "gguf_file": gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    quantized = AutoModelForCausalLM.from_pretrained(**source)
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def save_random_components(folder: str | Path, config: CommConfig) -> dict[str, str]:

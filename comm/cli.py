@@ -1,5 +1,5 @@
 """The ``comm`` command: ``caption``, ``ground``, ``ask`` with a trained model, ``inspect`` a checkpoint, ``data``
-preparation (``refer``, ``check``) and ``demo``."""
+preparation (``refer``, ``check``), ``demo`` and the browser demo ``web``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 from comm.errors import ArgumentParser, UserError, run_command
 from comm.evaluation.rec import REFER_SPLITS
 from comm.inspection import LAYER_WEIGHTS_PLOT
+from comm.web import DEFAULT_HOST, DEFAULT_PORT
 
 MODEL_ENV = "COMM_MODEL"
 EXIT_NO_BOX = 1
@@ -97,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="read a training mixture as comm-train would and report on it (takes comm-train's options; --help)",
     )
+
+    web = commands.add_parser(
+        "web", help="serve a checkpoint in the browser: caption, ground with the box drawn, chat (needs comm[web])"
+    )
+    web.add_argument(
+        "checkpoint", nargs="?", default=None, metavar="CHECKPOINT", help="a COMM model folder (default: comm demo's)"
+    )
+    web.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+    web.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    web.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)"
+    )
+    web.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default {DEFAULT_PORT})")
+    web.add_argument("--examples", nargs="+", default=None, metavar="IMAGE", help="example images offered on the page")
+    web.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per answer")
+    web.add_argument("--share", action="store_true", help="also make a public gradio link (off unless asked)")
+    web.set_defaults(handler=_web)
 
     demo = commands.add_parser(
         "demo",
@@ -233,6 +251,20 @@ def _demo(args: argparse.Namespace) -> int:
             raise
         raise UserError("the demo is not available in this installation (no module comm.demo.run)") from None
     return int(run.main(list(args.demo_args)) or 0)
+
+
+def _web(args: argparse.Namespace) -> int:
+    from comm.web.app import import_gradio, serve
+    from comm.web.checkpoint import demo_examples, examples_from_files, resolve_checkpoint
+
+    import_gradio()  # a missing extra is one line before anything else
+    options = _generation_options(args)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    examples = examples_from_files(args.examples) if args.examples else demo_examples(checkpoint)
+    serve(
+        checkpoint, args.device, args.dtype, args.host, args.port, examples, options.get("max_new_tokens"), args.share
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Optional extras (deepspeed, flash-attn, the eval scorers): checked where they are used, never imported at load."""
+"""Optional extras (deepspeed, flash-attn, eval scorers, gradio): checked where used, never imported on load."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "flash_attn": ("flash-attn", "attn_implementation='flash_attention_2'"),
     "pycocoevalcap": ("eval", "caption scoring (BLEU, METEOR, ROUGE-L, CIDEr)"),
     "pycocotools": ("eval", "COCO annotation files"),
+    "gradio": ("web", "the web demo (comm web)"),
+    "selenium": ("test", "driving a browser (comm.web.browser: the browser test and the screenshot)"),
 }
 
 

@@ -15,7 +15,7 @@ from comm.errors import UserError
 from comm.evaluation.caption import python_tokenize, score_captions
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKED = ("deepspeed", "flash_attn", "timm", "torchvision", "pycocotools", "pycocoevalcap")
+BLOCKED = ("deepspeed", "flash_attn", "timm", "torchvision", "pycocotools", "pycocoevalcap", "gradio", "selenium")
 
 # A meta-path finder that makes the optional extras look uninstalled, as on a fresh `pip install -e .` machine.
 BLOCKER = textwrap.dedent(

@@ -23,6 +23,7 @@ PARTS = (
     "clip_projection",
     "dino_aligner",
     "projector",
+    "image_position_embedding",
     "language_model",
     "lm_head",
 )
@@ -55,7 +56,10 @@ def model_parts(model: CommForConditionalGeneration) -> list[dict[str, Any]]:
     """Each part (towers, mergers, aligners, projector, LLM decoder, LM head): its parameters and how many train."""
     rows = []
     for name in PARTS:
-        parameters = list(getattr(model, name).parameters())
+        part = getattr(model, name)
+        if part is None:  # an optional part the config leaves out
+            continue
+        parameters = list(part.parameters())
         rows.append(
             {
                 "part": name,

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comm import CommConfig, CommForConditionalGeneration, CommProcessor
-from comm.model.positions import image_position_ids
+from comm import CommConfig, CommForConditionalGeneration, CommProcessor, build_from_components
+from comm.inspection import model_parts
+from comm.model.positions import grid_position_codes, image_position_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,3 +91,37 @@ def test_continuing_a_cache_by_hand_needs_position_ids(shared):
         cache = model(**inputs, use_cache=True).cache
         with pytest.raises(ValueError, match="position_ids"):
             model(input_ids=inputs["input_ids"][:, -1:], cache=cache)
+
+
+def test_grid_codes_tell_every_cell_apart():
+    codes = grid_position_codes(8)
+    assert codes.shape == (64, 16)
+    assert torch.cdist(codes, codes).add(torch.eye(64) * 9).min() > 0.1  # no two cells share a code
+    assert grid_position_codes(14).shape == (196, 20)
+
+
+def test_the_grid_embedding_is_added_to_each_cell_and_is_saved(tiny_components, llama_tokenizer, tmp_path):
+    model, processor = build_from_components(
+        tiny_components["clip"],
+        tiny_components["dino"],
+        tiny_components["llm"],
+        tokenizer=llama_tokenizer,
+        image_position_embedding=True,
+        image_positions="shared",
+        **CommConfig.tiny().tower_reading_fields(),
+    )
+    assert "image_position_embedding" in model.trainable_vision_modules()
+    assert {row["part"] for row in model_parts(model)} >= {"image_position_embedding", "projector"}
+    pixels = processor.preprocess_images([Image.new("RGB", (40, 30), (200, 30, 30))])
+    with torch.no_grad():
+        tokens = model.get_image_features(**pixels).pooler_output
+        plain = model.projector(model.get_image_features(**pixels).last_hidden_state)
+        cells = model.image_position_embedding.projection(grid_position_codes(model.config.grid_size))
+    torch.testing.assert_close(tokens[0], plain[0] + cells)
+    model.save_pretrained(tmp_path)
+    loaded = CommForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.image_position_embedding and loaded.config.image_positions == "shared"
+    torch.testing.assert_close(
+        loaded.image_position_embedding.projection.weight, model.image_position_embedding.projection.weight
+    )
+    assert CommForConditionalGeneration(CommConfig.tiny()).image_position_embedding is None

@@ -50,6 +50,8 @@ class CommConfig(PreTrainedConfig):
             (every sample counts the same whatever its answer length; `comm.model.loss`).
         image_positions: the LLM's position ids for visual tokens: "sequential" (one per token, as LLaVA) or
             "shared" (one per image, the text going on after it; `comm.model.positions`).
+        image_position_embedding: add a learned embedding of each grid cell's 2D sin-cos code to its visual token
+            (`comm.model.positions.GridPositionEmbedding`).
     """
 
     model_type = "comm"
@@ -77,6 +79,7 @@ class CommConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     loss_weighting: Literal["token", "sample"] = "token"
     image_positions: Literal["sequential", "shared"] = "sequential"
+    image_position_embedding: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -33,7 +33,7 @@ from comm.model.configuration import CommConfig
 from comm.model.head import check_head, transform_logits
 from comm.model.loss import labelled_causal_lm_loss
 from comm.model.merge import LLNLayerscale
-from comm.model.positions import image_position_ids
+from comm.model.positions import GridPositionEmbedding, image_position_ids
 from comm.model.towers import FrozenVisionTower
 
 # The image inputs of `forward` (what `CommProcessor` returns under these names): each tower's pixel values.
@@ -49,6 +49,7 @@ VISION_MODULES = (
     "clip_projection",
     "dino_aligner",
     "projector",
+    "image_position_embedding",
 )
 
 # Checkpoints keep the layout COMM had before `CommModel` (``clip_tower.*``, ``language_model.model.*``,
@@ -177,6 +178,11 @@ class CommModel(CommPreTrainedModel):
         self.dino_aligner = mlp_aligner(dino_dim, clip_dim, config.dino_aligner_depth, config.dino_aligner_ratio)
         fused_dim = 2 * clip_dim if config.concat == "channel" else clip_dim
         self.projector = nn.Linear(fused_dim, config.text_config.hidden_size)
+        self.image_position_embedding = (
+            GridPositionEmbedding(config.grid_size, config.text_config.hidden_size)
+            if config.image_position_embedding
+            else None
+        )
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -188,7 +194,8 @@ class CommModel(CommPreTrainedModel):
 
     def trainable_vision_modules(self) -> dict[str, nn.Module]:
         """The modules between the towers and the LLM (what a projector-only stage trains)."""
-        return {name: getattr(self, name) for name in VISION_MODULES if not name.endswith("_tower")}
+        modules = {name: getattr(self, name) for name in VISION_MODULES if not name.endswith("_tower")}
+        return {name: module for name, module in modules.items() if module is not None}
 
     def freeze_towers(self) -> None:
         """Freeze both towers (no gradients, eval mode); called again after towers are swapped in."""
@@ -228,9 +235,12 @@ class CommModel(CommPreTrainedModel):
                 "clip_attentions": clip_out.attentions,
                 "dino_attentions": dino_out.attentions,
             }
+        tokens = self.projector(fused)
+        if self.image_position_embedding is not None:
+            tokens = self.image_position_embedding(tokens)
         return CommImageOutput(
             last_hidden_state=fused,
-            pooler_output=self.projector(fused),
+            pooler_output=tokens,
             hidden_states=_joined(towers.get("clip_hidden_states"), towers.get("dino_hidden_states")),
             attentions=_joined(towers.get("clip_attentions"), towers.get("dino_attentions")),
             **towers,
@@ -403,6 +413,11 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
     def projector(self) -> nn.Linear:
         """``model.projector``."""
         return self.model.projector
+
+    @property
+    def image_position_embedding(self) -> GridPositionEmbedding | None:
+        """``model.image_position_embedding`` (None unless ``config.image_position_embedding``)."""
+        return self.model.image_position_embedding
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

@@ -165,6 +165,11 @@ def test_image_attentions_under_eager_attention(tiny_model_dir):
     assert len(out.dino_attentions) == max(model.config.dino_layers)
     assert out.clip_attentions[0].shape == (1, 4, 65, 65)  # 4 heads, CLS + 64 patches
     assert len(out.attentions) == len(out.clip_attentions) + len(out.dino_attentions)
+    model.config.output_attentions = model.config.output_hidden_states = True  # unset flags follow the config
+    with torch.no_grad():
+        out = model.get_image_features(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))
+    assert len(out.attentions) == len(out.clip_attentions) + len(out.dino_attentions) > 0
+    assert len(out.hidden_states) == len(out.attentions) + 2  # each tower's embeddings too
 
 
 # --- attention implementations ---------------------------------------------------------------------------------------
@@ -186,6 +191,26 @@ def test_eager_and_sdpa_agree_with_padding_and_images(tiny_model_dir, padding_si
     torch.testing.assert_close(sdpa.logits[attended], eager.logits[attended], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sdpa.image_outputs.pooler_output, eager.image_outputs.pooler_output)
     torch.testing.assert_close(sdpa.hidden_states[-1][attended], eager.hidden_states[-1][attended])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_padding_free_packed_batch_gives_the_padded_batchs_logits(tiny_model_dir, implementation, dtype):
+    """transformers' padding-free check: the rows packed into one without padding, position ids restarting per row."""
+    model = CommForConditionalGeneration.from_pretrained(
+        tiny_model_dir, attn_implementation=implementation, dtype=dtype
+    )
+    inputs = batch(CommProcessor.from_pretrained(tiny_model_dir), "right")
+    attended = inputs["attention_mask"].bool()
+    pixels = {key: value for key, value in inputs.items() if key.startswith("pixel_values")}
+    position_ids = torch.cat([torch.arange(int(length)) for length in attended.sum(1)])[None]
+    with torch.no_grad():
+        padded = model.eval()(**inputs, use_cache=False).logits[attended]
+        packed = model(
+            input_ids=inputs["input_ids"][attended][None], position_ids=position_ids, use_cache=False, **pixels
+        )
+    tolerance = torch.finfo(dtype).eps if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(packed.logits[0], padded, rtol=tolerance, atol=tolerance)
 
 
 # --- the headless model ----------------------------------------------------------------------------------------------

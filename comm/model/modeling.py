@@ -217,6 +217,11 @@ class CommModel(CommPreTrainedModel):
             raise ValueError(
                 f"got {pixel_values_clip.shape[0]} CLIP images but {pixel_values_dino.shape[0]} DINOv2 images"
             )
+        # Unset flags follow the config, as a transformers vision tower reads its own (config.output_attentions...).
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         clip_out = dino_out = None
         if output_hidden_states or output_attentions:
             flags = {"output_hidden_states": bool(output_hidden_states), "output_attentions": bool(output_attentions)}

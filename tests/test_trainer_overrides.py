@@ -21,6 +21,8 @@ OVERRIDES = {
     "_save_optimizer_and_scheduler": "DeepSpeed checkpoints without the frozen parameters",
     "_load_from_checkpoint": "resume from the trained weights on top of the frozen ones",
     "_prepare_for_training": "resume a DeepSpeed checkpoint that lacks the frozen parameters",
+    "_save_checkpoint": "write into .partial, rename to checkpoint-N when every process's part is there, then rotate",
+    "_get_output_dir": "points the Trainer's checkpoint writing at the staging folder during a save",
 }
 
 
@@ -58,6 +60,25 @@ def test_deepspeed_resume_replays_what_prepare_for_training_does_on_resume():
     resume = source[source.index("if resume_from_checkpoint is not None:") :]
     for step in ("deepspeed_load_checkpoint(", "self._load_optimizer_and_scheduler(", "self._load_scaler("):
         assert step in resume, step
+
+
+def test_the_trainer_writes_a_checkpoint_under_get_output_dir_and_rotates_there():
+    # CommTrainer._save_checkpoint makes _get_output_dir return the staging folder while the Trainer's
+    # _save_checkpoint runs: every file of the checkpoint must go under that folder, and the Trainer's own rotation
+    # (which would delete the last complete checkpoint before the new one is complete) must only see that folder.
+    source = inspect.getsource(Trainer._save_checkpoint)
+    uses = [line.strip() for line in source.splitlines() if "run_dir" in line]
+    assert uses == [
+        "run_dir = self._get_output_dir(trial=trial)",
+        "output_dir = os.path.join(run_dir, checkpoint_folder)",
+        "best_checkpoint_dir = os.path.join(run_dir, best_checkpoint_folder)",  # CommTrainer maps it back
+        "output_dir=run_dir,",  # rotate_checkpoints(...)
+    ], uses
+    for writer in ("self.save_model(output_dir", "self._save_optimizer_and_scheduler(output_dir)",
+                   "self._save_scaler(output_dir)", "self._save_rng_state(output_dir)",
+                   "os.path.join(output_dir, TRAINER_STATE_NAME)"):  # fmt: skip
+        assert writer in source, writer
+    assert "self.args.output_dir" not in source
 
 
 def test_the_deepspeed_checkpoint_call_takes_exclude_frozen_parameters():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,16 +17,17 @@ from pathlib import Path
 
 import torch
 from transformers import ProgressCallback, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from comm.build import build_from_components
 from comm.data import CommDataCollator, IssueLog, build_dataset, parse_data_specs
-from comm.errors import run_command
+from comm.errors import UserError, run_command
 from comm.loading import load_model_and_processor
 from comm.model.modeling import CommForConditionalGeneration
 from comm.processing import CommProcessor
 from comm.training.arguments import CommTrainingArguments, DataArguments, ModelArguments, parse_arguments
+from comm.training.checkpoints import checkpoint_problem, newest_complete
 from comm.training.plots import plot_loss
+from comm.training.stopping import GracefulStop, StopOnSignal, continue_command
 from comm.training.trainer import CommTrainer, ProgressBarCallback, add_lora, zero3_init_disabled
 
 EXPORT_FOLDER = "final"
@@ -37,12 +39,18 @@ AUTO_RESUME = ("auto", "last", "true")
 
 @dataclass
 class TrainResult:
-    """What a training run produced: its folders, the Trainer's log history and the data summary."""
+    """What a training run produced: its folders, the Trainer's log history and the data summary.
+
+    A run stopped by a signal before its last step has ``stopped_by`` (the signal's number) and ``checkpoint`` (the
+    one it wrote) set, and no export.
+    """
 
     output_dir: Path
     export_dir: Path
     log_history: list[dict]
     data_summary: dict
+    stopped_by: int | None = None
+    checkpoint: Path | None = None
 
 
 def load_dtype(args: CommTrainingArguments) -> torch.dtype:
@@ -128,18 +136,35 @@ def check_deepspeed_config(args: CommTrainingArguments) -> None:
 
 
 def resolve_resume(args: CommTrainingArguments) -> str | None:
-    """The checkpoint to resume from: a given folder, or with 'auto' the last one in output_dir (if any)."""
+    """The checkpoint to resume from: a given complete folder, or with 'auto' the newest complete one in output_dir.
+
+    'auto' names, in one line, the incomplete folders newer than the one it takes (interrupted saves) and leaves them.
+    """
     value = args.resume_from_checkpoint
     if not value:
         return None
     if value.lower() in AUTO_RESUME:
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None and args.process_index == 0:
-            print(f"--resume_from_checkpoint {value}: no checkpoint in {args.output_dir}, starting from scratch")
-        return last
+        last, passed_over = newest_complete(args.output_dir)
+        if args.process_index == 0:
+            taken = f"resuming from {last}" if last else f"no complete checkpoint in {args.output_dir}: starting afresh"
+            skipped = ", ".join(f"{path} ({why})" for path, why in passed_over)
+            note = f"; passed over the incomplete {skipped}: left in place to remove as you like (saves clear .partial)"
+            print(f"--resume_from_checkpoint {value}: {taken}{note if passed_over else ''}", file=sys.stderr)
+        return str(last) if last else None
     if not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint: no such checkpoint folder: {value}")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise UserError(
+            f"--resume_from_checkpoint {value} is not a complete checkpoint: {problem} (an interrupted save?); "
+            "give an earlier one, or 'auto' for the newest complete one"
+        )
     return value
+
+
+def signal_name(signum: int) -> str:
+    """SIGTERM, SIGINT, ..."""
+    return signal.Signals(signum).name
 
 
 def write_outputs(output_dir: Path, log_history: list[dict], issues: IssueLog, stage: int) -> None:
@@ -151,7 +176,12 @@ def write_outputs(output_dir: Path, log_history: list[dict], issues: IssueLog, s
 
 
 def train(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
-    """Train COMM as the command line says, export ``{output_dir}/final`` and return what was produced."""
+    """Train COMM as the command line says, export ``{output_dir}/final`` and return what was produced.
+
+    SIGTERM or SIGINT during training finishes the step, writes a checkpoint and returns without an export (unless
+    the last step was done); the main process prints the command that continues the run.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args = parse_arguments(argv)
     check_deepspeed_config(training_args)
     is_main = training_args.process_index == 0
@@ -188,12 +218,24 @@ def train(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = 
     )
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ProgressBarCallback())
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-
     output_dir = Path(training_args.output_dir)
     export_dir = output_dir / EXPORT_FOLDER
-    trainer.export(export_dir)
-    log_history = list(trainer.state.log_history)
+    resume = resolve_resume(training_args)
+    with GracefulStop(announce=is_main) as stop:
+        trainer.add_callback(StopOnSignal(stop))
+        trainer.train(resume_from_checkpoint=resume)
+        log_history = list(trainer.state.log_history)
+        step = trainer.state.global_step
+        if stop.signum is not None and step < trainer.state.max_steps:
+            checkpoint = output_dir / f"checkpoint-{step}"
+            if is_main:
+                print(
+                    f"stopped by {signal_name(stop.signum)} after step {step} of {trainer.state.max_steps}: "
+                    f"checkpoint {checkpoint}; continue with: {continue_command(argv)}",
+                    file=sys.stderr,
+                )
+            return TrainResult(output_dir, export_dir, log_history, issues.summary(), stop.signum, checkpoint)
+        trainer.export(export_dir)
     if is_main:
         write_outputs(output_dir, log_history, issues, training_args.stage)
         print(issues.format_summary())
@@ -202,15 +244,16 @@ def train(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``comm-train`` command: `train`, then exit status 0; a user error is one ``error:`` line and status 2."""
+    """The ``comm-train`` command: `train`, then exit status 0; a user error is one ``error:`` line and status 2; a run
+    stopped by SIGTERM/SIGINT (checkpoint written) exits 143/130."""
 
     def run() -> int:
-        train(argv)
+        result = train(argv)
         # Tear the process group down before the interpreter does: left to exit, its gloo/shm threads can die
         # with "terminate called without an active exception" and a non-zero status after a successful run.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        return 0
+        return 0 if result.stopped_by is None else 128 + result.stopped_by  # 143 for SIGTERM, 130 for SIGINT
 
     return run_command(run)
 

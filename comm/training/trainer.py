@@ -1,9 +1,11 @@
-"""`CommTrainer`: checkpoints that hold only the trained weights, a complete export (LoRA merged), a progress bar."""
+"""`CommTrainer`: checkpoints that hold only the trained weights and appear only when complete, a complete export
+(LoRA merged), a progress bar."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +16,20 @@ import torch
 from torch.utils.data import Sampler
 from transformers import ProgressCallback, Trainer
 from transformers.integrations import deepspeed as hf_deepspeed
-from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from comm.model.modeling import CommForConditionalGeneration
+from comm.training.checkpoints import (
+    clear_staging,
+    fault_point,
+    publish,
+    rotate,
+    save_failure,
+    staging_root,
+    write_record,
+)
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -46,7 +58,10 @@ class CommTrainer(Trainer):
 
     Checkpoint folders get ``trainable.safetensors`` (plus the config and processor) instead of a full model, and
     DeepSpeed checkpoints are written with ``exclude_frozen_parameters``; resuming loads them back on top of the
-    frozen weights the run starts from. The final export (`export`) is a complete `from_pretrained` folder.
+    frozen weights the run starts from. A checkpoint is written into ``OUTPUT_DIR/.partial`` and renamed to
+    ``checkpoint-N`` once every process has written its part (comm/training/checkpoints.py), so a run killed at any
+    moment leaves the whole checkpoint or none. The final export (`export`) is a complete `from_pretrained` folder,
+    renamed into place the same way.
 
     The private `Trainer` methods overridden here are the ones these checkpoints need (and the sampler that reads
     the lengths measured at tokenization); tests/test_trainer_overrides.py fails when transformers renames one,
@@ -54,6 +69,7 @@ class CommTrainer(Trainer):
     """
 
     def __init__(self, *args, **kwargs):
+        self._staging: Path | None = None  # the run's staging folder while a checkpoint is being written
         super().__init__(*args, **kwargs)
         self.trainable_names = {name for name, param in self.model.named_parameters() if param.requires_grad}
         if not self.trainable_names:
@@ -72,6 +88,49 @@ class CommTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into ``.partial`` and rename it to ``checkpoint-N`` once every process's part is there.
+
+        Rotation (``save_total_limit``) runs after the rename, so the newest complete checkpoint is never deleted
+        before the next one is complete. A full disk is one line naming the checkpoint; earlier ones stay as they were.
+        """
+        run_dir = Path(super()._get_output_dir(trial))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_root(run_dir) / final.name
+        if self.args.should_save:
+            clear_staging(run_dir)  # what interrupted saves left
+        self.accelerator.wait_for_everyone()
+        self._staging = staging.parent
+        try:
+            if self.args.should_save:
+                staging.mkdir(parents=True, exist_ok=True)
+            fault_point("start", self.state.global_step, self.args.process_index)
+            super()._save_checkpoint(model, trial)
+            self._staging = None
+            self.accelerator.wait_for_everyone()  # every process has written its part
+            if self.args.should_save:
+                fault_point("files", self.state.global_step, self.args.process_index)
+                best = self.state.best_model_checkpoint
+                if best is not None and Path(best) == staging:
+                    self.state.best_model_checkpoint = str(final)
+                    self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
+                write_record(staging, self.state.global_step)
+                publish(staging, final)
+                fault_point("published", self.state.global_step, self.args.process_index)
+                protected = {final} | ({Path(self.state.best_model_checkpoint)} if best is not None else set())
+                rotate(run_dir, self.args.save_total_limit, protected)
+        except Exception as error:
+            raise save_failure(error, final, staging, run_dir) from error
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        """While a checkpoint is being written: the staging folder (the Trainer writes ``checkpoint-N`` there)."""
+        if self._staging is not None:
+            return str(self._staging)
+        return super()._get_output_dir(trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """A checkpoint's model part: the trained weights only, the config and the processor (`export` writes all)."""
@@ -93,18 +152,22 @@ class CommTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self._staging is not None:
+            fault_point("weights", self.state.global_step, self.args.process_index)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """DeepSpeed checkpoints without the frozen parameters (transformers excludes them for peft models only)."""
         if not self.is_deepspeed_enabled:
             super()._save_optimizer_and_scheduler(output_dir)
-            return
-        # accelerate defines this wrapper only when deepspeed is installed: import it where DeepSpeed runs.
-        from accelerate.utils import DeepSpeedSchedulerWrapper
+        else:
+            # accelerate defines this wrapper only when deepspeed is installed: import it where DeepSpeed runs.
+            from accelerate.utils import DeepSpeedSchedulerWrapper
 
-        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        if self._staging is not None:
+            fault_point("optimizer", self.state.global_step, self.args.process_index)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume from ``trainable.safetensors`` on top of the frozen weights the run started from."""
@@ -148,17 +211,22 @@ class CommTrainer(Trainer):
     def export(self, export_dir: str | Path) -> None:
         """Write a complete model + processor folder that ``from_pretrained`` loads; LoRA is merged into the LLM.
 
-        Every process takes part in gathering the ZeRO-3 partitions; the main process writes the folder.
+        Every process takes part in gathering the ZeRO-3 partitions; the main process writes the folder into
+        ``.partial`` beside it and renames it into place, so that an interrupted export leaves no partial folder.
         """
+        export_dir = Path(export_dir)
         state_dict = self.full_state_dict()
         if self.args.should_save:
+            staging = staging_root(export_dir.parent) / export_dir.name
+            shutil.rmtree(staging, ignore_errors=True)
             trained = self.accelerator.unwrap_model(self.model)
             model = plain_model(trained.config, state_dict, lora_config(trained))
             model.generation_config = trained.generation_config  # as loaded, not re-derived from the training config
-            model.save_pretrained(export_dir)
+            model.save_pretrained(staging)
             if self.processing_class is not None:
-                self.processing_class.save_pretrained(export_dir)
-            torch.save(self.args, os.path.join(export_dir, TRAINING_ARGS_NAME))
+                self.processing_class.save_pretrained(staging)
+            torch.save(self.args, os.path.join(staging, TRAINING_ARGS_NAME))
+            publish(staging, export_dir)
         self.accelerator.wait_for_everyone()
 
 

@@ -246,6 +246,33 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
     assert_equals_reference(out, reference)
 
 
+def test_a_real_full_disk_during_a_save(world, reference, tmp_path, capfd):
+    # A 8 MB filesystem: checkpoint-2 (5.3 MB) fits, checkpoint-4 runs out of space inside torch.save, which reports
+    # it without an errno; after "freeing space" (a larger size) the run resumes.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True
+    ).returncode == 0  # fmt: skip
+    if not mounted:
+        pytest.skip("mounting a small tmpfs needs root (the simulated full disk above runs everywhere)")
+    try:
+        out = disk / "run"
+        assert main(run_args(world, out)) == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(
+            f"error: no space left on the device while writing checkpoint {out / 'checkpoint-4'} (nothing of it was "
+            f"kept; {out / 'checkpoint-2'} is intact)"
+        ), err[-3:]
+        assert not (out / "checkpoint-4").exists() and not (out / ".partial" / "checkpoint-4").exists()
+        assert complete(out / "checkpoint-2")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        resume(world, out, capfd)
+        assert_equals_reference(out, reference)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_torn_folders_are_passed_over_by_auto_and_named_when_given(world, reference, tmp_path, capfd):
     # What transformers' own saving leaves when killed: an empty checkpoint-N, or one without trainer_state.json.
     out = tmp_path / "run"

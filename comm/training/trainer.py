@@ -108,20 +108,24 @@ class CommTrainer(Trainer):
             fault_point("start", self.state.global_step, self.args.process_index)
             super()._save_checkpoint(model, trial)
             self._staging = None
+            best = self.state.best_model_checkpoint
+            if best is not None and Path(best) == staging:  # the Trainer found the best checkpoint in the staging
+                self.state.best_model_checkpoint = best = str(final)
+                if self.args.should_save:
+                    self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
             self.accelerator.wait_for_everyone()  # every process has written its part
             if self.args.should_save:
                 fault_point("files", self.state.global_step, self.args.process_index)
-                best = self.state.best_model_checkpoint
-                if best is not None and Path(best) == staging:
-                    self.state.best_model_checkpoint = str(final)
-                    self.state.save_to_json(str(staging / TRAINER_STATE_NAME))
                 write_record(staging, self.state.global_step)
                 publish(staging, final)
                 fault_point("published", self.state.global_step, self.args.process_index)
-                protected = {final} | ({Path(self.state.best_model_checkpoint)} if best is not None else set())
+                protected = {final} | ({Path(best)} if best is not None else set())
                 rotate(run_dir, self.args.save_total_limit, protected)
         except Exception as error:
-            raise save_failure(error, final, staging, run_dir) from error
+            failure = save_failure(error, final, staging, run_dir)
+            if failure is error:
+                raise
+            raise failure from error
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()

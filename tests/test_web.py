@@ -66,7 +66,8 @@ def test_opening_an_image_and_refusing_what_is_not_one(handlers, photo, tmp_path
     good = tmp_path / "photo.png"
     photo.save(good)
     preview, state, caption, ground_text, ground_image, chat, turns, status = handlers.open_image(str(good))
-    assert state.size == (200, 100) and preview.size == (200, 100) and status == "image 200x100 ready"
+    assert state.size == (200, 100) and status == "image 200x100 ready"
+    assert preview.size == (400, 200) and preview.getpixel((300, 60)) == photo.getpixel((150, 30))  # shown 2x
     assert (caption, ground_text, ground_image, chat, turns) == ("", "", None, [], [])
 
     text = tmp_path / "notes.png"
@@ -101,14 +102,16 @@ def test_ground_draws_the_box_and_says_where_it_is(handlers, photo, monkeypatch)
     # 200x100 image: square side 200, 50 px top padding -> (0.1*200, 0.25*200-50, 0.6*200, 0.75*200-50).
     assert status == "box drawn"
     assert text == f"{BOX_ANSWER}\nbox (20.0, 0.0, 120.0, 100.0) in pixels of the 200x100 image"
-    assert drawn.size == photo.size
-    assert drawn.getpixel((20, 60)) == (255, 0, 0) and drawn.getpixel((120, 60)) == (255, 0, 0)
-    assert drawn.getpixel((70, 60)) == photo.getpixel((70, 60))  # inside untouched
+    assert drawn.size == (400, 200)  # shown enlarged 2x: the box at (40, 0, 240, 200), 3 px wide
+    for x, y in ((40, 120), (42, 120), (238, 120), (240, 120), (140, 199)):
+        assert drawn.getpixel((x, y)) == (255, 0, 0), (x, y)
+    assert drawn.getpixel((43, 120)) == photo.getpixel((21, 60)) and drawn.getpixel((300, 60)) == (30, 30, 200)
     assert photo.getpixel((20, 60)) != (255, 0, 0)  # the page's image is not drawn on
 
     fake_answer(monkeypatch, "I cannot see it.")
     text, shown, status = last(handlers.ground(photo, "the dog"))
-    assert status == "no box in the answer" and text == "I cannot see it.\nno box in this answer" and shown is photo
+    assert status == "no box in the answer" and text == "I cannot see it.\nno box in this answer"
+    assert shown.size == (400, 200) and shown.getpixel((300, 60)) == (30, 30, 200)
 
 
 def test_bad_text_gets_a_message_and_no_model_call(handlers, photo, monkeypatch):

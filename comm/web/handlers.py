@@ -6,6 +6,7 @@ one a status line for the page. Bad input and a busy model become that status li
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ LABEL_CHARS = 40
 # Errors that bad input or a busy model give; anything else is a bug and reaches the page as gradio's error.
 EXPECTED_ERRORS = (ValueError, TypeError, OSError, BusyError)
 NO_IMAGE = "upload an image or pick an example first"
+# Smaller images are shown enlarged by a whole factor (pixels kept sharp), so that they and their box are legible.
+DISPLAY_SIDE = 320
 
 
 def error_status(error: BaseException) -> str:
@@ -42,6 +45,18 @@ def _check_text(text: str | None, what: str) -> str:
     if IMAGE_PLACEHOLDER in text:
         raise ValueError(f"the {what} holds {IMAGE_PLACEHOLDER}, which marks the image's place: remove it")
     return text
+
+
+def for_display(image: Image.Image) -> tuple[Image.Image, int]:
+    """``image`` as the page shows it, and the whole factor it was enlarged by to reach `DISPLAY_SIDE` (1 if not).
+
+    >>> for_display(Image.new("RGB", (64, 32)))[0].size
+    (320, 160)
+    """
+    factor = max(1, math.ceil(DISPLAY_SIDE / max(image.size)))
+    if factor == 1:
+        return image, 1
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST), factor
 
 
 def chat_messages(turns: Turns) -> Messages:
@@ -78,7 +93,7 @@ class WebHandlers:
             image = load_image(path, Path(path).name)
         except EXPECTED_ERRORS as error:
             return (None, None, *cleared, error_status(error))
-        return (image, image, *cleared, f"image {image.width}x{image.height} ready")
+        return (for_display(image)[0], image, *cleared, f"image {image.width}x{image.height} ready")
 
     def caption(self, image: Image.Image | None) -> Iterator[tuple[str, str]]:
         """Caption the image: yields (caption so far, status)."""
@@ -98,7 +113,8 @@ class WebHandlers:
     def ground(
         self, image: Image.Image | None, expression: str | None
     ) -> Iterator[tuple[str, Image.Image | None, str]]:
-        """Ground ``expression``: yields (answer text so far, the image with the box drawn, status)."""
+        """Ground ``expression``: yields (answer text so far, the image with the box drawn, status); the text gives
+        the box in the image's own pixels, the picture is `for_display`'s."""
         if image is None:
             yield "", None, NO_IMAGE
             return
@@ -114,11 +130,13 @@ class WebHandlers:
             yield "", None, error_status(error)
             return
         text = box_text(result.answer, result.box, result.image_size)
+        shown, factor = for_display(image)
         if result.box is None:
-            yield text, image, "no box in the answer"
+            yield text, shown, "no box in the answer"
             return
         label = expression if len(expression) <= LABEL_CHARS else expression[: LABEL_CHARS - 3] + "..."
-        yield text, draw_boxes(image, [(result.box, BOX_COLOR, label)]), "box drawn"
+        box = tuple(value * factor for value in result.box)
+        yield text, draw_boxes(shown, [(box, BOX_COLOR, label)]), "box drawn"
 
     def chat(
         self, image: Image.Image | None, message: str | None, turns: Turns | None

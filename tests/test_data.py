@@ -435,6 +435,24 @@ def test_data_specs():
         DataSpec.parse("a.json:0")
     assert DataSpec.parse("dir/a.json:0.5") == DataSpec(Path("dir/a.json"), 0.5)
     assert DataSpec.parse("a.jsonl") == DataSpec(Path("a.jsonl"), 1.0)
+    assert DataSpec.parse("dir/a.json:0.5:3") == DataSpec(Path("dir/a.json"), 0.5, 3.0)
+    with pytest.raises(ValueError, match="loss weight must be > 0"):
+        DataSpec.parse("a.json:1:0")
+
+
+def test_a_files_loss_weight_reaches_its_items_and_the_batch(llama_tokenizer, tmp_path):
+    processor = processor_for(llama_tokenizer)
+    for name, answer in (("a.json", "Yes."), ("b.json", "No.")):
+        records = [{"conversations": [message("human", f"Q{i}?"), message("gpt", answer)]} for i in range(2)]
+        (tmp_path / name).write_text(json.dumps(records))
+    plain = build_dataset([DataSpec(tmp_path / "a.json"), DataSpec(tmp_path / "b.json")], processor, IssueLog())
+    assert "loss_weight" not in plain[0]
+    specs = [DataSpec(tmp_path / "a.json", 1.0, 3.0), DataSpec(tmp_path / "b.json")]
+    dataset = build_dataset(specs, processor, IssueLog())
+    weights = [float(dataset[i]["loss_weight"]) for i in range(len(dataset))]
+    assert weights == [3.0, 3.0, 1.0, 1.0]
+    batch = CommDataCollator(processor.pad_token_id)([dataset[i] for i in range(4)])
+    assert batch["loss_weight"].tolist() == weights
 
 
 def test_dataset_items_and_collator(llama_tokenizer, tmp_path):

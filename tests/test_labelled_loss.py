@@ -129,6 +129,33 @@ def test_sample_weighting_gives_every_sample_the_same_weight(trainable_model):
     assert abs(token_weighted - expected) > 1e-3  # the two weightings differ on this batch
 
 
+def test_loss_weights_multiply_each_samples_loss(trainable_model):
+    """loss_weight (a training file's weight, per sample) multiplies that sample's token losses, under either
+    weighting, and reaches the loss through the full-logits setting too."""
+    model, batch = trainable_model
+    model.labelled_logits_only = False
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    targets = batch["labels"][:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
+    )
+    labelled = targets != IGNORE_INDEX
+    weights = torch.tensor([3.0, 0.5, 7.0])
+    expected = (token_losses * weights[:, None])[labelled].sum() / labelled.sum()
+    loss = loss_and_grads(model, batch, labelled=False, loss_weight=weights)[0]
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=0)
+    unweighted = loss_and_grads(model, batch, labelled=True, loss_weight=torch.ones(3))[0]
+    torch.testing.assert_close(unweighted, token_losses[labelled].mean(), rtol=RTOL, atol=0)
+    model.config.loss_weighting = "sample"
+    try:
+        per_sample = [token_losses[row][labelled[row]].mean() * weights[row] for row in range(2)]
+        loss = loss_and_grads(model, batch, labelled=True, loss_weight=weights)[0]
+        torch.testing.assert_close(loss, torch.stack(per_sample).mean(), rtol=RTOL, atol=0)
+    finally:
+        model.config.loss_weighting = "token"
+
+
 def test_loss_weighting_is_checked():
     with pytest.raises(ValueError, match="loss_weighting must be 'token' or 'sample'"):
         CommConfig.tiny(loss_weighting="answer")

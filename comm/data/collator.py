@@ -49,6 +49,8 @@ class CommDataCollator:
         for row, feature in enumerate(features):
             labels[row, : len(feature["labels"])] = feature["labels"]
         batch["labels"] = labels
+        if "loss_weight" in features[0]:
+            batch["loss_weight"] = torch.stack([f["loss_weight"] for f in features])
         if blank_row is not None:
             batch["attention_mask"][blank_row, len(features[blank_row]["input_ids"]) :] = 0
             batch.update({key: self.blank_image[key] for key in PIXEL_INPUTS})

@@ -28,7 +28,8 @@ class SupervisedDataset(Dataset):
     """Tokenized samples (ids and label ranges kept in memory) whose images are decoded in ``__getitem__``.
 
     ``order`` maps dataset positions to unique samples (a sample repeats when its source's ratio is above 1);
-    ``lengths`` are the token lengths in dataset order, for length-grouped batching. With ``cache_images`` each
+    ``lengths`` are the token lengths in dataset order, for length-grouped batching. Items carry ``loss_weight``
+    (their file's, `DataSpec.loss_weight`) when a file's weight is not 1. With ``cache_images`` each
     image's pixel values are kept after their first preprocessing (per worker process): nothing augments the images,
     so an epoch over a small set then decodes and resizes each image once instead of once per sample using it.
     """
@@ -40,6 +41,7 @@ class SupervisedDataset(Dataset):
         processor: CommProcessor,
         order: Sequence[int] | None = None,
         cache_images: bool = False,
+        loss_weights: Sequence[float] | None = None,
     ):
         if len(samples) != len(encoded):
             raise ValueError(f"{len(samples)} samples but {len(encoded)} encodings")
@@ -54,6 +56,12 @@ class SupervisedDataset(Dataset):
         unique_lengths = np.diff(self._starts)
         self.lengths: list[int] = unique_lengths[self.order].tolist()
         self.pixel_cache: dict[str, dict[str, torch.Tensor]] | None = {} if cache_images else None
+        # Per unique sample, its file's loss weight; items carry it only when some weight is not 1.
+        weights = np.ones(len(self.samples), dtype=np.float32) if loss_weights is None else np.asarray(loss_weights)
+        if len(weights) != len(self.samples):
+            raise ValueError(f"{len(self.samples)} samples but {len(weights)} loss weights")
+        self.loss_weights = weights.astype(np.float32)
+        self.weighted = bool((self.loss_weights != 1.0).any())
 
     def __len__(self) -> int:
         return len(self.order)
@@ -74,6 +82,8 @@ class SupervisedDataset(Dataset):
             "input_ids": torch.from_numpy(encoded.input_ids.astype(np.int64)),
             "labels": torch.from_numpy(encoded.labels()),
         }
+        if self.weighted:
+            item["loss_weight"] = torch.tensor(self.loss_weights[int(self.order[position])])
         sample = self.sample(position)
         if sample.image is not None:
             item.update(self.pixels(sample))
@@ -121,6 +131,7 @@ def build_dataset(
 
     unique_samples: list[Sample] = []
     unique_encoded: list[EncodedSample] = []
+    unique_weights: list[float] = []
     order: list[int] = []
     total = sum(len(np.unique(indices)) for indices in chosen)
     bar = tqdm(total=total, desc="tokenizing", disable=not progress, unit="sample")
@@ -138,9 +149,12 @@ def build_dataset(
                 position_of[int(index)] = len(unique_samples)
                 unique_samples.append(sample)
                 unique_encoded.append(result)
+                unique_weights.append(spec.loss_weight)
             bar.update(len(batch))
         used = [position_of[int(i)] for i in indices if int(i) in position_of]
         issues.used[file] += len(used)
         order.extend(used)
     bar.close()
-    return SupervisedDataset(unique_samples, unique_encoded, processor, order, cache_images=cache_images)
+    return SupervisedDataset(
+        unique_samples, unique_encoded, processor, order, cache_images=cache_images, loss_weights=unique_weights
+    )

@@ -1,4 +1,5 @@
-"""The training mixture: data files given as ``path[:ratio]`` and the seeded draw of each file's samples."""
+"""The training mixture: data files given as ``path[:ratio[:loss_weight]]`` and the seeded draw of each file's
+samples."""
 
 from __future__ import annotations
 
@@ -9,33 +10,44 @@ from pathlib import Path
 
 import numpy as np
 
-_RATIO_SUFFIX = re.compile(r"^(?P<path>.+):(?P<ratio>\d*\.?\d+(?:[eE][-+]?\d+)?)$")
+_NUMBER = r"\d*\.?\d+(?:[eE][-+]?\d+)?"
+_SUFFIXES = (
+    re.compile(rf"^(?P<path>.+):(?P<ratio>{_NUMBER}):(?P<weight>{_NUMBER})$"),
+    re.compile(rf"^(?P<path>.+):(?P<ratio>{_NUMBER})$"),
+)
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """One training file and its sampling ratio (``1.0``: every sample once; ``0.5``: a seeded half; ``2``: twice)."""
+    """One training file, its sampling ratio (``1.0``: every sample once; ``0.5``: a seeded half; ``2``: twice) and
+    its loss weight (each of its samples' loss is multiplied by it; 1.0 by default)."""
 
     path: Path
     ratio: float = 1.0
+    loss_weight: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> DataSpec:
-        """Parse ``path`` or ``path:ratio``; a path that exists as given wins over a ratio suffix."""
+        """Parse ``path``, ``path:ratio`` or ``path:ratio:loss_weight``; a path that exists as given wins."""
         text = text.strip()
         if not text:
             raise ValueError("--data: empty data file name")
-        match = _RATIO_SUFFIX.match(text)
-        if match and not Path(text).exists():
-            ratio = float(match.group("ratio"))
-            if not ratio > 0:
-                raise ValueError(f"--data {text}: the sampling ratio must be > 0, got {ratio}")
-            return cls(Path(match.group("path")), ratio)
+        if Path(text).exists():
+            return cls(Path(text))
+        for suffix in _SUFFIXES:
+            match = suffix.match(text)
+            if match:
+                ratio, weight = float(match.group("ratio")), float(match.groupdict().get("weight") or 1.0)
+                if not ratio > 0:
+                    raise ValueError(f"--data {text}: the sampling ratio must be > 0, got {ratio}")
+                if not weight > 0:
+                    raise ValueError(f"--data {text}: the loss weight must be > 0, got {weight}")
+                return cls(Path(match.group("path")), ratio, weight)
         return cls(Path(text))
 
 
 def parse_data_specs(values: Sequence[str]) -> list[DataSpec]:
-    """Parse ``--data`` values; each may be a comma-separated list of ``path[:ratio]``."""
+    """Parse ``--data`` values; each may be a comma-separated list of ``path[:ratio[:loss_weight]]``."""
     specs = [DataSpec.parse(part) for value in values for part in value.split(",") if part.strip()]
     if not specs:
         raise ValueError("--data: give at least one training file (LLaVA .json or .jsonl, REC .jsonl)")

@@ -28,6 +28,7 @@ def labelled_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = IGNORE_INDEX,
     weighting: str = "token",
+    sample_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of transformers' ``ForCausalLMLoss`` with ``head`` (hidden states to logits) applied only where a
     label is set.
@@ -39,7 +40,8 @@ def labelled_causal_lm_loss(
     ``weighting="sample"`` gives every sample of the batch the same total weight, whatever its answer length: a
     token of a sample with ``n`` labelled tokens counts ``mean_n / n`` (``mean_n``: the batch's labelled tokens per
     labelled sample), so the weights still sum to the number of labelled tokens and the normalisation above holds.
-    Without it, a 21-token box answer outweighs a one-word "Yes" 21 to 1 in the gradient.
+    Without it, a 21-token box answer outweighs a one-word "Yes" 21 to 1 in the gradient. ``sample_weights``
+    ``(batch,)`` then multiply each sample's token losses (a training file's loss weight, `comm.data.DataSpec`).
     """
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
@@ -47,10 +49,12 @@ def labelled_causal_lm_loss(
     selected = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, keep)
     logits = head(selected).float()  # upcast as ForCausalLMLoss does
     losses = nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = torch.div(keep, labels.shape[-1], rounding_mode="floor")
     if weighting == "sample" and keep.numel():
-        rows = torch.div(keep, labels.shape[-1], rounding_mode="floor")
         per_row = torch.bincount(rows)
         losses = losses * (keep.numel() / (per_row > 0).sum()) / per_row[rows]
+    if sample_weights is not None:
+        losses = losses * sample_weights.to(losses.device, losses.dtype)[rows]
     if num_items_in_batch is None:
         return losses.sum() / keep.numel(), logits
     if torch.is_tensor(num_items_in_batch):

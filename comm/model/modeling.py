@@ -479,12 +479,14 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        loss_weight: torch.Tensor | None = None,
         **kwargs,
     ) -> MultimodalCausalLMOutputWithPast:
         """Run the LLM on text whose ``<im_patch>`` tokens are replaced by the images' visual tokens.
 
         With ``labels``, ``logits`` holds only the labelled positions' (``(num_labelled, vocab)``, float32; see
         `labelled_logits_only`); without, the usual ``(batch, seq, vocab)`` (``logits_to_keep`` applies).
+        ``loss_weight`` ``(batch,)`` multiplies each sample's loss (the collator passes its training file's weight).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
@@ -502,13 +504,15 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         loss = None
         sample_weighted = self.config.loss_weighting == "sample"
-        if labels is not None and shift_labels is None and (self.labelled_logits_only or sample_weighted):
+        labelled = self.labelled_logits_only or sample_weighted or loss_weight is not None
+        if labels is not None and shift_labels is None and labelled:
             loss, logits = labelled_causal_lm_loss(
                 hidden_states,
                 labels,
                 self.compute_logits,
                 num_items_in_batch,
                 weighting=self.config.loss_weighting,
+                sample_weights=loss_weight,
             )
         else:
             logits = self.compute_logits(slice_logits_to_keep(hidden_states, logits_to_keep))

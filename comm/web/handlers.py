@@ -154,13 +154,9 @@ class WebHandlers:
             running = self.runner.start(
                 lambda **stream: self.pipe.ask(image, question, history=history, **stream, **self.generate_options)
             )
+            asked = [*shown, {"role": "user", "content": question}]
             for text in running:
-                yield (
-                    [*shown, {"role": "user", "content": question}, {"role": "assistant", "content": text}],
-                    (turns),
-                    message or "",
-                    "answering...",
-                )
+                yield [*asked, {"role": "assistant", "content": text}], turns, message or "", "answering..."
             answer = running.result
         except EXPECTED_ERRORS as error:
             yield shown, turns, message or "", error_status(error)

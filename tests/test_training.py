@@ -1,4 +1,5 @@
-"""Training: real DeepSpeed jobs on CPU (ZeRO-2 stage 1 -> stage 2, ZeRO-3), resume, projector-only, LoRA, configs."""
+"""Training: real DeepSpeed jobs on CPU (ZeRO-2 stage 1 -> stage 2, a rank killed in a save, ZeRO-3), resume,
+projector-only, LoRA, configs."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from comm import CommConfig, CommForConditionalGeneration, CommProcessor, build_
 from comm.build import save_random_components
 from comm.data import DataError
 from comm.demo.tokenizer import train_demo_tokenizer
+from comm.training.checkpoints import COMPLETE, FAULT_ENV, checkpoint_problem
 from comm.training.train import train
 from comm.training.trainer import TRAINABLE_WEIGHTS
 
@@ -238,8 +240,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_deepspeed(args: list[str], timeout: int = 400) -> str:
-    """Run ``deepspeed --num_gpus 2 train/train.py ARGS``; return its output, failing the test on an error."""
+def launch_deepspeed(args: list[str], timeout: int = 400, fault: str | None = None) -> str:
+    """Run ``deepspeed --num_gpus 2 train/train.py ARGS``; return its output, failing the test on an error.
+
+    With ``fault`` (a ``$COMM_TEST_SAVE_FAULT`` spec, see comm/training/checkpoints.py) the job must fail instead.
+    """
     pytest.importorskip("deepspeed")
     launcher = Path(sys.executable).with_name("deepspeed")
     env = {
@@ -248,6 +253,7 @@ def launch_deepspeed(args: list[str], timeout: int = 400) -> str:
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",
+        **({FAULT_ENV: fault} if fault else {}),
     }
     command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "train/train.py", *args]
     process = subprocess.Popen(
@@ -260,7 +266,10 @@ def launch_deepspeed(args: list[str], timeout: int = 400) -> str:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"deepspeed run hung for {timeout} s:\n{output[-6000:]}")
-    assert process.returncode == 0, f"deepspeed run failed ({process.returncode}):\n{output[-6000:]}"
+    if fault:
+        assert process.returncode != 0, f"deepspeed run with {fault} did not fail:\n{output[-6000:]}"
+    else:
+        assert process.returncode == 0, f"deepspeed run failed ({process.returncode}):\n{output[-6000:]}"
     return output
 
 
@@ -275,15 +284,31 @@ def run_outputs(output_dir: Path, samples: int = 8) -> tuple[list[dict], dict[st
     return json.loads((output_dir / "log_history.json").read_text()), weights(export)
 
 
-@pytest.mark.slow
-def test_deepspeed_zero2_stage1_then_stage2(world, initial_weights, tmp_path):
-    stage1 = tmp_path / "stage1"
-    ds = ["--deepspeed", str(ZERO_CONFIGS / "zero2.json"), "--per_device_train_batch_size", "2", "--max_steps", "4"]
+ZERO2_STAGE1 = [
+    "--deepspeed",
+    str(ZERO_CONFIGS / "zero2.json"),
+    "--per_device_train_batch_size",
+    "2",
+    "--max_steps",
+    "4",
+]
+
+
+@pytest.fixture(scope="module")
+def zero2_stage1(world, tmp_path_factory) -> Path:
+    """A 2-process ZeRO-2 stage-1 run of 4 steps, uninterrupted: its output folder."""
+    stage1 = tmp_path_factory.mktemp("zero2") / "stage1"
     output = launch_deepspeed(
-        ["--stage", "1", *world["from_components"], *world["common"], *ds,
+        ["--stage", "1", *world["from_components"], *world["common"], *ZERO2_STAGE1,
          "--output_dir", str(stage1), "--save_strategy", "no"]
     )  # fmt: skip
     assert f"exported model and processor to {stage1 / 'final'}" in output
+    return stage1
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_stage1_then_stage2(world, initial_weights, zero2_stage1, tmp_path):
+    stage1 = zero2_stage1
     history1, exported1 = run_outputs(stage1)
     assert_loss_goes_down(history1)
     assert history1[-1]["train_samples_per_second"] > 0
@@ -292,13 +317,46 @@ def test_deepspeed_zero2_stage1_then_stage2(world, initial_weights, tmp_path):
 
     stage2 = tmp_path / "stage2"
     launch_deepspeed(
-        ["--stage", "2", "--model_name_or_path", str(stage1 / "final"), *world["common"], *ds,
+        ["--stage", "2", "--model_name_or_path", str(stage1 / "final"), *world["common"], *ZERO2_STAGE1,
          "--output_dir", str(stage2), "--save_strategy", "no"]
     )  # fmt: skip
     history2, exported2 = run_outputs(stage2)
     assert_loss_goes_down(history2)
     assert_towers_equal_components(exported2, world["components"])
     assert changed_groups(exported2, exported1) == set(TRAINED_GROUPS)
+
+
+@pytest.mark.slow
+def test_deepspeed_rank_killed_during_a_save_leaves_no_checkpoint_and_the_run_resumes_exactly(
+    world, zero2_stage1, tmp_path
+):
+    # Rank 1 is killed (SIGKILL) right after writing its ZeRO shards of checkpoint-4, before its RNG state and before
+    # rank 0 could rename the checkpoint into place: checkpoint-4 must not appear; the resume from checkpoint-2 must
+    # reproduce the uninterrupted run.
+    out = tmp_path / "killed"
+    args = ["--stage", "1", *world["from_components"], *world["common"], *ZERO2_STAGE1, "--output_dir", str(out),
+            "--save_strategy", "steps", "--save_steps", "2"]  # fmt: skip
+    launch_deepspeed(args, fault="optimizer:4:kill:1")
+    assert not (out / "checkpoint-4").exists() and not (out / "final").exists()
+    assert checkpoint_problem(out / "checkpoint-2") is None
+    record = json.loads((out / "checkpoint-2" / COMPLETE).read_text())["files"]
+    for rank in (0, 1):  # every rank's part is in the record
+        assert f"rng_state_{rank}.pth" in record
+        assert f"global_step2/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in record, sorted(record)
+    assert (out / ".partial" / "checkpoint-4" / "global_step4").is_dir()  # the killed save, never renamed
+
+    output = launch_deepspeed([*args, "--resume_from_checkpoint", "auto"])
+    assert f"resuming from {out / 'checkpoint-2'}" in output and str(out / ".partial" / "checkpoint-4") in output
+    history, exported = run_outputs(out)
+    reference_history, reference = run_outputs(zero2_stage1)
+    expected, got = losses(reference_history), losses(history)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (step, got, expected)
+    assert exported.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(exported[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert checkpoint_problem(out / "checkpoint-4") is None and not (out / ".partial").exists()
 
 
 @pytest.mark.slow

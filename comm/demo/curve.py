@@ -14,6 +14,12 @@ from comm.evaluation.run_pope import predict_pope_batch
 from comm.evaluation.run_rec import predict_rec_batch
 
 
+def box_answer_tokens(box_decimals: int) -> int:
+    """New tokens enough for a box answer ("[0.12,0.34,0.56,0.78]": one token per character with single digits, a
+    space before it and the end of turn): what an untrained model's REC answers are capped at."""
+    return 4 * (box_decimals + 2) + 8
+
+
 def mean_box_accuracy(train: Sequence[RecSample], test: Sequence[RecSample]) -> float:
     """REC Acc@0.5 of always answering the mean training box: what a model scores that ignores the image and the
     expression (the demo's images all have one size, so the mean is taken in pixels)."""
@@ -48,9 +54,7 @@ class HeldOutCurve(TrainerCallback):
         """REC Acc@0.5 and POPE accuracy of ``model`` on the held-out items (greedy answers, eval mode)."""
         was_training = model.training
         model.eval()
-        # Enough new tokens for a box ("[0.12,0.34,0.56,0.78]": one token per character with single digits, a
-        # space before it and the end of turn) and for "Yes"/"No".
-        box_tokens = 4 * (self.processor.box_decimals + 2) + 8
+        box_tokens = box_answer_tokens(self.processor.box_decimals)
         batches = range(0, max(len(self.rec), len(self.pope)), self.batch_size)
         rec_records, pope_records = [], []
         for start in batches:

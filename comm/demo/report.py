@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from comm.demo.analysis import format_error_analysis
 from comm.demo.world import WorldFiles
 
 
@@ -91,6 +92,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"trivial answers: REC {baselines['rec']:.3f} (always the mean training box), "
         f"POPE {baselines['pope']:.3f} (always one answer)"
     )
+    if report.get("rec_analysis"):
+        lines += format_error_analysis(report["rec_analysis"])
     if report["curve"]:
         points = ", ".join(f"{p['samples']}: {p['rec']:.2f}/{p['pope']:.2f}" for p in report["curve"])
         lines.append(f"REC/POPE on {report['config']['curve_items']} held-out items by samples seen: {points}")

@@ -186,3 +186,13 @@ def with_image(question: str) -> str:
 def rec_prompt(expression: str) -> str:
     """The Shikra-style referring-expression question for ``expression``."""
     return REC_PROMPT.format(expression=expression)
+
+
+def template_for_tokenizer(tokenizer: Any, default: ConversationTemplate) -> ConversationTemplate:
+    """The chat format ``tokenizer``'s own chat template uses when comm has it (ChatML), else ``default``.
+
+    A pretrained chat LLM ends its turns with its own end-of-turn token: rendered in another format, its answers
+    would never end.
+    """
+    chat_template = getattr(tokenizer, "chat_template", None) or ""
+    return chatml() if isinstance(chat_template, str) and "<|im_start|>" in chat_template else default

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from comm.boxes import (
@@ -14,7 +16,7 @@ from comm.boxes import (
     validate_pixel_box,
     xywh_to_xyxy,
 )
-from comm.conversation import VICUNA_V1, ConversationTemplate, chatml, rec_prompt, with_image
+from comm.conversation import VICUNA_V1, ConversationTemplate, chatml, rec_prompt, template_for_tokenizer, with_image
 
 
 def test_format_has_three_decimals_and_clips():
@@ -148,3 +150,11 @@ def test_the_chatml_template_renders_chatml_and_its_jinja_says_the_same():
             jinja.render(messages=finished)
             == each.render([(f"<image>\n{history[0][0]}", "A cat."), ("Where?", "Here.")]).text
         )
+
+
+def test_a_chatml_tokenizer_keeps_its_own_turn_format():
+    vicuna = ConversationTemplate(system="")
+    smol = SimpleNamespace(chat_template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% endfor %}")
+    assert template_for_tokenizer(smol, vicuna) == chatml()
+    assert template_for_tokenizer(SimpleNamespace(chat_template=None), vicuna) is vicuna
+    assert template_for_tokenizer(object(), vicuna) is vicuna

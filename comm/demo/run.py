@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from comm.conversation import ConversationTemplate
+from comm.conversation import ConversationTemplate, template_for_tokenizer
 from comm.demo.analysis import rec_error_analysis, scenes_by_image
 from comm.demo.curve import HeldOutCurve, box_answer_tokens, mean_box_accuracy, plot_learning_curves
 from comm.demo.report import (
@@ -196,8 +196,10 @@ def prepare_initial_model(config: DemoConfig, world: WorldFiles) -> Path:
     from comm.model.configuration import CommConfig
 
     folder = config.out / "stage0"
+    template = config.template
     if config.llm:
         tokenizer = AutoTokenizer.from_pretrained(config.llm)
+        template = template_for_tokenizer(tokenizer, config.template)  # a chat LLM keeps its own turn format
     else:
         tokenizer = train_demo_tokenizer(all_texts(world), template=config.template)
     tiny = CommConfig.tiny(vocab_size=len(tokenizer), **config.model_overrides)
@@ -210,7 +212,7 @@ def prepare_initial_model(config: DemoConfig, world: WorldFiles) -> Path:
         config.llm or components["llm"],
         tokenizer=tokenizer,
         model_max_length=512,
-        template=config.template,
+        template=template,
         box_decimals=config.box_decimals,
         image_positions=tiny.image_positions,
         image_position_embedding=tiny.image_position_embedding,

@@ -40,6 +40,11 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 IMAGE_PROCESSOR_ATTRIBUTES = ("clip_image_processor", "dino_image_processor")
 LEGACY_SUBFOLDERS = {"clip_image_processor": "image_processor_clip", "dino_image_processor": "image_processor_dino"}
 LEGACY_IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+# from_pretrained's options that say where and how to read files (used up by the sub-processors' loading).
+LOADING_OPTIONS = frozenset(
+    {"cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder", "proxies"}
+    | {"return_unused_kwargs", "trust_remote_code"}
+)
 # A Hugging Face Hub id (owner/name) that is not a local path.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -291,6 +296,18 @@ class CommProcessor(ProcessorMixin):
             else:
                 raise ValueError(f"{pretrained_model_name_or_path}: {PROCESSOR_CONFIG} has no {attribute} settings")
         return [tokenizer, *image_processors]
+
+    @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs) -> tuple[dict, dict]:
+        """transformers 5.25's hook for the sub-processors (5.24 calls `_get_arguments_from_pretrained`): the same
+        tokenizer and PIL image processors, also from an older folder's subfolders; the loading options end here,
+        the settings go on to ``from_dict``."""
+        tokenizer, clip, dino = cls._get_arguments_from_pretrained(
+            pretrained_model_name_or_path, processor_dict, **dict(kwargs)
+        )
+        loaded = dict(zip(("tokenizer", *IMAGE_PROCESSOR_ATTRIBUTES), (tokenizer, clip, dino)))
+        settings = {key: value for key, value in kwargs.items() if key not in LOADING_OPTIONS}
+        return {**processor_dict, **loaded}, settings
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> CommProcessor:

@@ -93,7 +93,8 @@ class DemoConfig:
         default_factory=lambda: {
             "grid_size": 8,
             # The visual tokens of an image share one LLM position, and each carries its grid cell's embedding:
-            # REC-only, 8k samples, Acc@0.5 0.25 against 0.09 for LLaVA's one-position-per-token (README, findings).
+            # REC only, after 8k samples, Acc@0.5 0.25 against 0.09 with one position per token and no cell
+            # embedding, LLaVA's way (README, findings).
             "image_positions": "shared",
             "image_position_embedding": True,
             "clip_config": {"hidden_size": 64, "intermediate_size": 128},

@@ -97,10 +97,9 @@ def test_labelled_loss_with_num_items_in_batch(trainable_model):
     torch.testing.assert_close(labelled[0], mean / 3)  # the sum over this third of the accumulated tokens
 
 
-def test_sample_weighting_gives_every_sample_the_same_weight(trainable_model):
-    """loss_weighting="sample": the mean over labelled samples of each sample's mean token loss, computed here from
-    the full logits; with num_items_in_batch, the same scaled as the token-weighted loss is."""
-    model, batch = trainable_model
+def full_logits_token_losses(model: CommForConditionalGeneration, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position's next-token loss from the full logits ``(batch, seq - 1)``, and where a label is set: the
+    reference the labelled-positions loss is checked against."""
     model.labelled_logits_only = False
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
@@ -108,8 +107,15 @@ def test_sample_weighting_gives_every_sample_the_same_weight(trainable_model):
     token_losses = torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
     )
-    labelled = targets != IGNORE_INDEX
-    per_sample = [token_losses[row][labelled[row]].mean() for row in range(len(targets)) if labelled[row].any()]
+    return token_losses, targets != IGNORE_INDEX
+
+
+def test_sample_weighting_gives_every_sample_the_same_weight(trainable_model):
+    """loss_weighting="sample": the mean over labelled samples of each sample's mean token loss, computed here from
+    the full logits; with num_items_in_batch, the same scaled as the token-weighted loss is."""
+    model, batch = trainable_model
+    token_losses, labelled = full_logits_token_losses(model, batch)
+    per_sample = [token_losses[row][labelled[row]].mean() for row in range(len(labelled)) if labelled[row].any()]
     assert len(per_sample) == 2 and labelled[0].sum() != labelled[1].sum()  # answers of different lengths
     expected = torch.stack(per_sample).mean()
 
@@ -133,14 +139,7 @@ def test_loss_weights_multiply_each_samples_loss(trainable_model):
     """loss_weight (a training file's weight, per sample) multiplies that sample's token losses, under either
     weighting, and reaches the loss through the full-logits setting too."""
     model, batch = trainable_model
-    model.labelled_logits_only = False
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-    targets = batch["labels"][:, 1:]
-    token_losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none"
-    )
-    labelled = targets != IGNORE_INDEX
+    token_losses, labelled = full_logits_token_losses(model, batch)
     weights = torch.tensor([3.0, 0.5, 7.0])
     expected = (token_losses * weights[:, None])[labelled].sum() / labelled.sum()
     loss = loss_and_grads(model, batch, labelled=False, loss_weight=weights)[0]

@@ -89,7 +89,7 @@ def generate_answers(
             if upcoming is not None:
                 # The tokenizer is not safe to use from two threads at once: decode once the next batch is ready.
                 upcoming.result()
-            answers.extend(text.strip() for text in processor.batch_decode(new_tokens))
+            answers.extend(text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True))
             bar.update(new_tokens.shape[0])
     bar.close()
     return answers

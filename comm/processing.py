@@ -21,6 +21,9 @@ from transformers import (
     PreTrainedTokenizerBase,
     ProcessorMixin,
 )
+from transformers.processing_utils import ProcessingKwargs
+from transformers.utils import PaddingStrategy
+from typing_extensions import Unpack
 
 from comm.boxes import SHIKRA_DECIMALS, check_box_decimals, square_padding
 from comm.conversation import IMAGE_PLACEHOLDER, VICUNA_V1, ConversationTemplate
@@ -45,6 +48,10 @@ LOADING_OPTIONS = frozenset(
     {"cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder", "proxies"}
     | {"return_unused_kwargs", "trust_remote_code"}
 )
+# The default config's visual tokens per image (its 14 x 14 grid, the towers concatenated along channels).
+DEFAULT_NUM_IMAGE_TOKENS = CommConfig.grid_size**2
+# Outputs left as Python objects when the batch becomes tensors (per-text lists of dicts).
+SKIP_CONVERSION = ["text_replacement_offsets"]
 # A Hugging Face Hub id (owner/name) that is not a local path.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -124,12 +131,17 @@ class CommProcessor(ProcessorMixin):
     coordinate (3: Shikra's ``[0.123,...]``, 2: LLaVA-1.5's ``[0.12,...]``).
     """
 
+    # Defaults of the processing keywords (transformers' ``_merge_kwargs`` reads them): pad to the longest text,
+    # return PyTorch tensors.
+    text_kwargs = {"padding": True, "return_tensors": "pt"}
+    image_token = IMAGE_PLACEHOLDER  # the placeholder transformers' text expansion looks for (`replace_image_token`)
+
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
         clip_image_processor: Any,
         dino_image_processor: Any,
-        num_image_tokens: int,
+        num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS,
         pad_color: Sequence[int] = (255, 255, 255),
         model_max_length: int | None = None,
         pad_to_square: bool = True,
@@ -185,56 +197,70 @@ class CommProcessor(ProcessorMixin):
         """Replace each ``<image>`` with the image's token block."""
         return text.replace(IMAGE_PLACEHOLDER, self.image_placeholder_text)
 
-    def preprocess_images(self, images: Sequence[ImageInput]) -> dict[str, torch.Tensor]:
-        """Pixel values of both towers for a list of images (paths, arrays or PIL images)."""
+    def preprocess_images(self, images: Sequence[ImageInput], **options: Any) -> dict[str, torch.Tensor]:
+        """Pixel values of both towers for a list of images (paths, arrays or PIL images); ``options`` (image
+        processor keywords such as ``do_normalize``) go to both towers' image processors."""
         views = [load_image(image, f"image {i}") for i, image in enumerate(images)]
         if self.pad_to_square:
             views = [expand_to_square(view, self.pad_color) for view in views]
-        clip = self.clip_image_processor(images=views, return_tensors="pt")["pixel_values"]
-        dino = self.dino_image_processor(images=views, return_tensors="pt")["pixel_values"]
+        options = {**options, "return_tensors": "pt"}  # the processor converts once, at the end
+        clip = self.clip_image_processor(images=views, **options)["pixel_values"]
+        dino = self.dino_image_processor(images=views, **options)["pixel_values"]
         return {PIXEL_VALUES_CLIP: clip, PIXEL_VALUES_DINO: dino}
 
-    def tokenize(self, text: str, max_length: int | None = None, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text`` with image placeholders expanded; text tokens are cut to fit ``max_length``.
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        """What the ``image_idx``-th ``<image>`` becomes (transformers' placeholder hook): the image token block."""
+        return self.image_placeholder_text
+
+    def kept_token_positions(self, ids: Sequence[int], limit: int | None) -> list[int] | None:
+        """The positions of ``ids`` kept under ``limit`` tokens (None: nothing to cut; a falsy limit never cuts).
 
         Truncation drops the earliest text tokens after the first one (BOS or the system prompt's start), so a
         prompt keeps its end ("... ASSISTANT:") and the image tokens: a prompt that the image tokens alone
         overflow raises ValueError.
         """
-        ids = self.tokenizer(self.expand_image_placeholders(text), add_special_tokens=add_special_tokens)["input_ids"]
-        limit = max_length or self.model_max_length
-        if limit is None or len(ids) <= limit:
-            return ids
+        if not limit or len(ids) <= limit:
+            return None
         image_ids = set(self.tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS)))
         num_image = sum(1 for i in ids if i in image_ids)
         if num_image + 1 > limit:
             raise ValueError(f"the prompt's {num_image} image tokens alone exceed the model's limit of {limit} tokens")
         excess = len(ids) - limit
         message = f"text is {len(ids)} tokens, over the limit of {limit}: dropping its {excess} earliest text tokens"
-        warnings.warn(message, stacklevel=2)
-        kept = [ids[0]]
-        for token in ids[1:]:
+        warnings.warn(message, stacklevel=3)
+        kept = [0]
+        for position, token in enumerate(ids[1:], start=1):
             if excess and token not in image_ids:
                 excess -= 1
                 continue
-            kept.append(token)
+            kept.append(position)
         return kept
 
     def __call__(
         self,
-        text: str | Sequence[str],
         images: ImageInput | Sequence[ImageInput] | None = None,
-        padding_side: str | None = None,
-        max_length: int | None = None,
-        return_tensors: str = "pt",
-        videos: Any = None,
-        audio: Any = None,
+        text: str | Sequence[str] | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
     ) -> BatchFeature:
         """Tokenize ``text`` (one string or a batch) and preprocess ``images`` in placeholder order: a flat list, or
-        one list per text (what ``apply_chat_template(..., tokenize=True)`` passes). There are no video or audio
-        inputs (``videos``/``audio`` must stay None: the keywords exist because transformers passes them)."""
-        if videos is not None or audio is not None:
+        one list per text (what ``apply_chat_template(..., tokenize=True)`` passes).
+
+        Options are transformers' processing keywords, flat or per modality (``text_kwargs={...}``,
+        ``images_kwargs={...}``). The text ones go to the tokenizer, its ``pad`` pads (to the longest by default);
+        ``images_kwargs`` reach both towers' image processors; ``return_tensors`` defaults to ``"pt"`` (``None``
+        gives lists). Truncation never cuts an image block: a text over ``max_length`` (or ``model_max_length``)
+        loses its earliest text tokens, with a warning (`kept_token_positions`); ``truncation=False`` keeps it whole.
+        There are no video or audio inputs (a ``videos``/``audio`` keyword must be None).
+        """
+        if kwargs.get("videos") is not None or kwargs.get("audio") is not None:
             raise ValueError("COMM takes images and text only: no videos or audio")
+        if text is None:
+            raise ValueError("CommProcessor needs text: images alone are preprocessed by preprocess_images")
+        options = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        if options.get("return_mm_token_type_ids"):
+            raise ValueError(
+                "CommProcessor does not return mm_token_type_ids: image tokens are input_ids == image_token_id"
+            )
         texts = [text] if isinstance(text, str) else list(text)
         if images is None:
             image_list: list[ImageInput] = []
@@ -245,28 +271,64 @@ class CommProcessor(ProcessorMixin):
         num_placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
         if num_placeholders != len(image_list):
             raise ValueError(
-                f"the text has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(image_list)} images "
-                "were given: each image needs exactly one placeholder"
+                f"the number of {IMAGE_PLACEHOLDER} tokens in the prompts should be the same as the number of images: "
+                f"the text has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(image_list)} images were "
+                "given (each image needs exactly one placeholder)"
             )
-        pixels = self.preprocess_images(image_list) if image_list else {}
-        sequences = [self.tokenize(t, max_length) for t in texts]
-        batch = pad_sequences(sequences, self.pad_token_id, padding_side or self.tokenizer.padding_side)
-        return BatchFeature({**batch, **pixels}, tensor_type=return_tensors)
+        pixels = self.preprocess_images(image_list, **options["images_kwargs"]) if image_list else {}
+        replacements = [self.replace_image_token(pixels, i) for i in range(len(image_list))]
+        texts, replacement_offsets = self.get_text_with_replacements(texts, replacements)
+        text_options = dict(options["text_kwargs"])
+        for processor_option in ("return_mm_token_type_ids", "return_text_replacement_offsets"):  # not the tokenizer's
+            text_options.pop(processor_option, None)
+        return_tensors = text_options.pop("return_tensors", None)
+        encoded = self.encode(texts, **text_options)
+        if options.get("return_text_replacement_offsets"):
+            encoded["text_replacement_offsets"] = replacement_offsets
+        return BatchFeature({**encoded, **pixels}, tensor_type=return_tensors, skip_tensor_conversion=SKIP_CONVERSION)
+
+    def encode(
+        self,
+        texts: list[str],
+        padding: bool | str | PaddingStrategy = True,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_attention_mask: bool | None = None,
+        **tokenizer_options: Any,
+    ) -> dict[str, list]:
+        """Tokenize texts whose placeholders are already expanded, cut each to fit (`kept_token_positions`) unless
+        ``truncation`` is False, and pad them with the tokenizer's ``pad`` (offsets get ``(0, 0)`` there)."""
+        encoded = self.tokenizer(texts, **tokenizer_options)
+        limit = None if truncation is False else (self.model_max_length if max_length is None else max_length)
+        for row, ids in enumerate(encoded["input_ids"]):
+            kept = self.kept_token_positions(ids, limit)
+            if kept is not None:
+                for values in encoded.values():
+                    if isinstance(values[row], (list, tuple)):  # per-token values (not return_length's count)
+                        values[row] = [values[row][position] for position in kept]
+        offsets = encoded.pop("offset_mapping", None)
+        padded = self.tokenizer.pad(
+            encoded,
+            padding=padding,
+            max_length=max_length if padding in ("max_length", PaddingStrategy.MAX_LENGTH) else None,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=return_attention_mask,
+        )
+        padded = dict(padded)
+        if offsets is not None:
+            side = padding_side or self.tokenizer.padding_side
+            padded["offset_mapping"] = [
+                pad_list(list(row), len(ids), (0, 0), side) for row, ids in zip(offsets, padded["input_ids"])
+            ]
+        return padded
 
     @property
     def pad_token_id(self) -> int:
         """The tokenizer's pad id (set by `add_image_tokens` when the tokenizer had none)."""
         return self.tokenizer.pad_token_id
-
-    def batch_decode(self, sequences, **kwargs) -> list[str]:
-        """Decode generated ids (``skip_special_tokens=True`` by default)."""
-        kwargs.setdefault("skip_special_tokens", True)
-        return self.tokenizer.batch_decode(sequences, **kwargs)
-
-    def decode(self, ids, **kwargs) -> str:
-        """Decode one sequence of ids (``skip_special_tokens=True`` by default)."""
-        kwargs.setdefault("skip_special_tokens", True)
-        return self.tokenizer.decode(ids, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -328,6 +390,12 @@ class CommProcessor(ProcessorMixin):
 
 
 AutoProcessor.register(CommConfig, CommProcessor, exist_ok=True)
+
+
+def pad_list(values: list, length: int, fill: Any, side: str) -> list:
+    """``values`` padded with ``fill`` to ``length`` on ``side`` (``"left"`` or ``"right"``)."""
+    padding = [fill] * (length - len(values))
+    return padding + values if side == "left" else values + padding
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:

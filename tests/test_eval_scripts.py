@@ -565,9 +565,9 @@ def test_every_evaluation_renders_prompts_with_the_processor_template(data, tiny
     rendered = []
     original = CommProcessor.__call__
 
-    def spy(self, text, *args, **kwargs):
+    def spy(self, *args, text=None, **kwargs):
         rendered.extend([text] if isinstance(text, str) else text)
-        return original(self, text, *args, **kwargs)
+        return original(self, *args, text=text, **kwargs)
 
     with mock.patch.object(CommProcessor, "__call__", spy):
         run_rec.predict_rec_batch(model, processor, [RecSample("r", image, "the cat", (0, 0, 9, 9))], max_new_tokens=1)

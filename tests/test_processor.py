@@ -84,6 +84,39 @@ def test_long_text_is_truncated_never_image_tokens(processor):
         processor(text=long_text, images=Image.new("RGB", (8, 8)), max_length=10)
 
 
+def test_transformers_processing_keywords_flat_or_per_modality(processor):
+    images, texts = [Image.new("RGB", (8, 8))] * 2, ["<image> a", "<image> a much longer question here"]
+    flat = processor(text=texts, images=images, padding_side="left")
+    nested = processor(text=texts, images=images, text_kwargs={"padding_side": "left"})
+    assert torch.equal(flat["input_ids"], nested["input_ids"]) and flat["input_ids"][0, 0] == processor.pad_token_id
+    lists = processor(text=texts, images=images, return_tensors=None)
+    assert isinstance(lists["input_ids"], list) and len(lists["input_ids"][0]) == len(lists["input_ids"][1])
+    unpadded = processor(text=texts, images=images, padding=False, return_tensors=None)
+    assert len(unpadded["input_ids"][0]) < len(unpadded["input_ids"][1])
+    fixed = processor(text=texts, images=images, padding="max_length", max_length=40)
+    assert fixed["input_ids"].shape == (2, 40)
+    raw = processor(text=texts, images=images, images_kwargs={"do_normalize": False})
+    for tower in ("pixel_values_clip", "pixel_values_dino"):  # black pixels, not normalised, in both towers
+        assert raw[tower][0, :, 32, 32].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_no_truncation_keeps_long_text_and_offsets_pad_with_zero_spans(processor):
+    long_text = "<image> " + "word " * 400
+    whole = processor(text=long_text, images=Image.new("RGB", (8, 8)), max_length=64, truncation=False)
+    assert whole["input_ids"].shape[1] > 400
+    batch = processor(
+        text=["<image> hi", "<image> a longer text"], images=[Image.new("RGB", (8, 8))] * 2, return_offsets_mapping=True
+    )
+    assert batch["offset_mapping"].shape == (*batch["input_ids"].shape, 2)
+    padding = batch["attention_mask"][0] == 0
+    assert padding.any() and batch["offset_mapping"][0][padding].eq(0).all()
+
+
+def test_video_or_audio_input_is_an_error(processor):
+    with pytest.raises(ValueError, match="no videos or audio"):
+        processor(text="hello", videos=[np.zeros((2, 8, 8, 3))])
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "CMYK", "I;16"])
 def test_other_modes_become_rgb(mode, processor):
     image = Image.new(mode, (12, 9))

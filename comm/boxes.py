@@ -3,14 +3,26 @@ format (Shikra's 3 decimals by default), parsing, IoU."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 Box = tuple[float, float, float, float]
 
 # A number like 0.5, .25, 1, 0.123 (no sign: boxes in [0, 1]); separators may carry spaces.
 _NUMBER = r"\d*\.?\d+"
 _BOX_PATTERN = re.compile(rf"\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]")
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a box coordinate or an image size read from a file must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_box(value: Any) -> bool:
+    """A list or tuple of four finite numbers (a box read from a file, in any of the formats)."""
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(is_finite_number(v) for v in value)
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> Box:

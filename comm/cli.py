@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from comm.errors import ArgumentParser, UserError, run_command
-from comm.evaluation.rec import REFER_SPLITS
 from comm.inspection import LAYER_WEIGHTS_PLOT
+from comm.refer import REFER_SPLITS
 from comm.web import DEFAULT_HOST, DEFAULT_PORT
 
 MODEL_ENV = "COMM_MODEL"

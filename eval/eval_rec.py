@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from comm.errors import ArgumentParser
-from comm.evaluation.rec import REFER_SPLITS, RecSample, load_rec_jsonl, load_refer, rescore_predictions_file
+from comm.evaluation.rec import RecSample, load_rec_jsonl, load_refer, rescore_predictions_file
 from comm.evaluation.run_rec import REC_MAX_NEW_TOKENS, evaluate_rec
 from comm.evaluation.scripts import add_run_arguments, print_json, run_evaluation, script_main
+from comm.refer import REFER_SPLITS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ import pytest
 
 from comm.boxes import box_iou
 from comm.evaluation.caption import CaptionSample, load_caption_file, load_karpathy, score_captions
-from comm.evaluation.files import append_jsonl, read_jsonl, write_json
 from comm.evaluation.pope import (
     load_pope_answers,
     load_pope_questions,
@@ -26,6 +25,7 @@ from comm.evaluation.rec import (
     rescore_predictions_file,
     score_rec,
 )
+from comm.io import append_jsonl, read_jsonl, write_json
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -464,7 +464,7 @@ def test_score_captions() -> None:
 
 def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
     """The temporary file behind an atomic write is 0600; the result must carry the usual umask-based mode."""
-    from comm.evaluation.files import write_json, write_jsonl
+    from comm.io import write_json, write_jsonl
 
     write_json(tmp_path / "a.json", {"x": 1})
     write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])

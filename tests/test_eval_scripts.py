@@ -22,13 +22,13 @@ from comm import CommForConditionalGeneration, CommProcessor
 from comm.boxes import format_box, normalize_box
 from comm.conversation import VICUNA_V1, with_image
 from comm.evaluation import run_pope, run_rec
-from comm.evaluation.files import read_jsonl
 from comm.evaluation.pope import load_pope_questions
 from comm.evaluation.rec import PREDICTION_KEYS, load_refer
 from comm.evaluation.resume import part_path
 from comm.evaluation.sharding import run_sharded
 from comm.evaluation.tables import format_metrics
 from comm.generation import generate_answers
+from comm.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = "6"

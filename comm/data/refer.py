@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from comm.evaluation.files import write_jsonl
-from comm.evaluation.rec import iter_refer
+from comm.io import write_jsonl
+from comm.refer import iter_refer
 
 
 def refer_records(

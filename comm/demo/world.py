@@ -12,7 +12,7 @@ from typing import Any
 from comm.conversation import IMAGE_PLACEHOLDER
 from comm.demo.annotations import CAPTION_QUESTIONS, attribute_questions, caption, expression_pool, pope_questions
 from comm.demo.scenes import BACKGROUND, COLOURS, Scene, WorldConfig, render_scene, sample_scene
-from comm.evaluation.files import write_atomically, write_jsonl
+from comm.io import write_atomically, write_jsonl
 
 __all__ = ["WorldConfig", "WorldFiles", "all_texts", "generate_world"]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from comm.errors import UserError
-from comm.evaluation.files import read_json
 from comm.evaluation.pope import check_ids
 from comm.extras import require_extra
+from comm.io import read_json
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 

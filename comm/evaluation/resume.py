@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from comm.evaluation.files import write_jsonl
+from comm.io import write_jsonl
 
 
 def part_path(path: str | os.PathLike[str], rank: int) -> Path:

@@ -9,10 +9,11 @@ from typing import Any
 
 from comm.conversation import CAPTION_PROMPT
 from comm.evaluation.caption import CaptionSample, score_captions
-from comm.evaluation.files import METRICS_FILE, check_files_exist, read_unique_records, write_json
+from comm.evaluation.files import METRICS_FILE, check_files_exist, read_unique_records
 from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, predict_and_score
 from comm.evaluation.unanswerable import UNANSWERABLE, answer_with_images, count_unanswerable
 from comm.generation import generate_answers
+from comm.io import write_json
 
 CAPTION_MAX_NEW_TOKENS = 64
 PREDICTIONS_FILE = "predictions.jsonl"

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from comm.conversation import VICUNA_V1, ConversationTemplate, with_image
-from comm.evaluation.files import METRICS_FILE, check_files_exist, write_json
+from comm.evaluation.files import METRICS_FILE, check_files_exist
 from comm.evaluation.pope import pope_answers, score_pope, summarize_pope_splits
 from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, on_main, predict_and_score
 from comm.evaluation.unanswerable import answer_with_images
 from comm.generation import generate_answers
+from comm.io import write_json
 
 POPE_MAX_NEW_TOKENS = 32  # the official rule reads the first sentence only
 ANSWER_MODES = ("generate", "logits")

@@ -9,12 +9,13 @@ from typing import Any
 
 from comm.boxes import box_iou
 from comm.conversation import rec_prompt
-from comm.evaluation.files import METRICS_FILE, check_files_exist, write_json
+from comm.evaluation.files import METRICS_FILE, check_files_exist
 from comm.evaluation.rec import RecSample, score_rec
 from comm.evaluation.sharding import DEFAULT_BATCH_SIZE, predict_and_score
 from comm.evaluation.unanswerable import UNANSWERABLE, answer_with_images
 from comm.generation import generate_answers
 from comm.grounding import Grounding
+from comm.io import write_json
 
 REC_MAX_NEW_TOKENS = 64  # "[0.123,0.456,0.789,0.999]" is ~27 LLaMA tokens (digits are single tokens)
 PREDICTIONS_FILE = "predictions.jsonl"

@@ -19,8 +19,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from comm.errors import UserError
-from comm.evaluation.files import append_jsonl, write_jsonl
 from comm.evaluation.resume import load_done_records, part_files, part_path
+from comm.io import append_jsonl, write_jsonl
 
 T = TypeVar("T")
 R = TypeVar("R")

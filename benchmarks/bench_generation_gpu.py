@@ -80,11 +80,12 @@ def make_model(
     from transformers import LlamaConfig
 
     from comm import CommConfig, add_image_tokens, build_processor
+    from comm.demo.tiny import tiny_config
 
     tokenizer = llama_tokenizer()
     token_ids = add_image_tokens(tokenizer)
     if smoke:
-        config = CommConfig.tiny(vocab_size=len(tokenizer), **token_ids)
+        config = tiny_config(vocab_size=len(tokenizer), **token_ids)
     else:
         config = CommConfig(text_config=LlamaConfig(vocab_size=len(tokenizer), **LLAMA_7B), **token_ids)
     config._attn_implementation = {"": "sdpa", "clip_config": "sdpa", "dino_config": "sdpa", "text_config": attn}

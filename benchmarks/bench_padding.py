@@ -32,6 +32,7 @@ from torch.utils.data import BatchSampler
 from benchmarks.common import finish, llama_tokenizer, stdout_to_stderr
 from comm import CommConfig, CommForConditionalGeneration, add_image_tokens, build_processor
 from comm.data import DataSpec, IssueLog, build_dataset
+from comm.demo.tiny import tiny_config
 
 # Shares of the LLaVA-1.5 665k instruction mixture, grouped by answer shape: RefCOCO/VG (REC, box answers), VQAv2/GQA/
 # OKVQA/OCRVQA/A-OKVQA (short answers), TextCaps (short captions), LLaVA-Instruct-158k (long conversations),
@@ -150,7 +151,7 @@ def make_trainer(output_dir: str, batch_size: int, group_by_length: bool, accumu
         report_to="none",
         disable_tqdm=True,
     )
-    return CommTrainer(model=CommForConditionalGeneration(CommConfig.tiny(vocab_size=32000)), args=args)
+    return CommTrainer(model=CommForConditionalGeneration(tiny_config(vocab_size=32000)), args=args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

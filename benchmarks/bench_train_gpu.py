@@ -82,9 +82,10 @@ def make_config(attn: str, smoke: bool, llm: str = "1b") -> CommConfig:
     from transformers import LlamaConfig
 
     from comm import CommConfig
+    from comm.demo.tiny import tiny_config
 
     if smoke:
-        config = CommConfig.tiny(vocab_size=VOCAB)
+        config = tiny_config(vocab_size=VOCAB)
     else:
         config = CommConfig(text_config=LlamaConfig(vocab_size=VOCAB, **LLMS[llm]))
     config.image_token_index = VOCAB - 1

@@ -55,6 +55,7 @@ from benchmarks.common import (
 
 if TYPE_CHECKING:
     from comm import CommConfig, CommForConditionalGeneration
+    from comm.demo.tiny import tiny_config
 
 BAR = 0.30
 VARIANTS = ("frozen", "naive", "checkpointing")
@@ -64,12 +65,11 @@ VOCAB = 32000  # the LLaMA tokenizer's
 
 def comm_config(name: str) -> CommConfig:
     """The `CommConfig` of ``name``: ``tiny`` (the tests' model) or ``small`` (ViT-S-like towers at 224 px)."""
-    from comm import CommConfig
 
     if name == "tiny":
-        config = CommConfig.tiny(vocab_size=VOCAB)
+        config = tiny_config(vocab_size=VOCAB)
     elif name == "small":
-        config = CommConfig.tiny(
+        config = tiny_config(
             vocab_size=VOCAB,
             clip_config={
                 "hidden_size": 384,

@@ -304,12 +304,12 @@ def build_tiny_model(
     Built as a user would: random components saved with `save_random_components`, then `build_from_components`.
     Returns ``(model, processor)``.
     """
-    from comm import CommConfig, build_from_components
-    from comm.build import save_random_components
+    from comm import build_from_components
+    from comm.demo.tiny import save_random_components, tiny_config
 
     with stdout_to_stderr():  # save_pretrained may import DeepSpeed, which prints a notice on stdout
         torch.manual_seed(seed)
-        components = save_random_components(folder, CommConfig.tiny(vocab_size=32000))
+        components = save_random_components(folder, tiny_config(vocab_size=32000))
         model, processor = build_from_components(
             components["clip"],
             components["dino"],
@@ -317,7 +317,7 @@ def build_tiny_model(
             tokenizer=llama_tokenizer(),
             dtype=dtype,
             model_max_length=model_max_length,
-            **CommConfig.tiny().tower_reading_fields(),
+            **tiny_config().tower_reading_fields(),
         )
     return model.eval(), processor
 

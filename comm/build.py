@@ -186,18 +186,3 @@ def save_gguf_llm(gguf_file: str | Path, folder: str | Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def save_random_components(folder: str | Path, config: CommConfig) -> dict[str, str]:
-    """Write random-init towers and LLM of ``config`` as separate checkpoints (what a user downloads)."""
-    folder = Path(folder)
-    paths = {}
-    for name, sub_config, model_class in (
-        ("clip", config.clip_config, AutoModel),
-        ("dino", config.dino_config, AutoModel),
-        ("llm", config.text_config, AutoModelForCausalLM),
-    ):
-        path = folder / name
-        model_class.from_config(sub_config).save_pretrained(path)
-        paths[name] = str(path)
-    return paths

@@ -17,8 +17,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from comm import CommConfig, build_from_components  # noqa: E402
-from comm.build import save_random_components  # noqa: E402
+from comm import build_from_components  # noqa: E402
+from comm.demo.tiny import (
+    save_random_components,  # noqa: E402
+    tiny_config,
+)
 
 if TYPE_CHECKING:
     from comm.pipeline import CommPipeline
@@ -42,10 +45,10 @@ def llama_tokenizer(_llama_tokenizer_cached):
 
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory) -> dict[str, str]:
-    """Random-init CLIP, DINOv2 and Llama checkpoints of `CommConfig.tiny()` saved as separate folders."""
+    """Random-init CLIP, DINOv2 and Llama checkpoints of `tiny_config()` saved as separate folders."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("components")
-    return save_random_components(folder, CommConfig.tiny(vocab_size=32000))
+    return save_random_components(folder, tiny_config(vocab_size=32000))
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +61,7 @@ def tiny_model_dir(tmp_path_factory, tiny_components, _llama_tokenizer_cached) -
         tiny_components["llm"],
         tokenizer=copy.deepcopy(_llama_tokenizer_cached),
         model_max_length=256,
-        **CommConfig.tiny().tower_reading_fields(),
+        **tiny_config().tower_reading_fields(),
     )
     folder = tmp_path_factory.mktemp("tiny_comm")
     model.save_pretrained(folder)

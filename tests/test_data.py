@@ -15,7 +15,7 @@ from PIL import Image
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from comm import CommConfig, add_image_tokens, build_processor
+from comm import add_image_tokens, build_processor
 from comm.boxes import parse_box
 from comm.conversation import VICUNA_V1, ConversationTemplate, rec_prompt
 from comm.data import (
@@ -32,6 +32,7 @@ from comm.data import (
     mixture_indices,
     parse_data_specs,
 )
+from comm.demo.tiny import tiny_config
 from comm.demo.tokenizer import train_demo_tokenizer
 
 TURNS = (
@@ -51,7 +52,7 @@ def one_torch_thread_per_module():
 def processor_for(tokenizer, model_max_length: int = 2048):
     """A CommProcessor of the tiny config around ``tokenizer`` (image tokens added)."""
     add_image_tokens(tokenizer)
-    return build_processor(tokenizer, CommConfig.tiny(vocab_size=len(tokenizer)), model_max_length=model_max_length)
+    return build_processor(tokenizer, tiny_config(vocab_size=len(tokenizer)), model_max_length=model_max_length)
 
 
 def demo_tokenizer():
@@ -120,7 +121,7 @@ def test_the_processor_template_and_box_decimals_make_the_targets(llama_tokenize
     add_image_tokens(llama_tokenizer)
     processor = build_processor(
         llama_tokenizer,
-        CommConfig.tiny(vocab_size=len(llama_tokenizer)),
+        tiny_config(vocab_size=len(llama_tokenizer)),
         template=ConversationTemplate(system=""),
         box_decimals=2,
     )

@@ -18,10 +18,11 @@ import torch
 from conftest import single_torch_thread
 from PIL import Image
 
-from comm import CommConfig, CommForConditionalGeneration, CommProcessor
+from comm import CommForConditionalGeneration, CommProcessor
 from comm.boxes import format_box, normalize_box, xywh_to_xyxy
 from comm.cli import main
 from comm.data import DataSpec, IssueLog, build_dataset
+from comm.demo.tiny import tiny_config
 from comm.inspection import LAYER_WEIGHTS_PLOT, layer_weights, load_for_inspection, save_layer_weights_plot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def run_readme_line(argv: list[str], project: Path, extra: list[str] = ()) -> in
 def tiny_model_options() -> list[str]:
     """comm-train's CommConfig options that make the tiny towers what the tiny model folder has."""
     options = []
-    for name, value in CommConfig.tiny().tower_reading_fields().items():
+    for name, value in tiny_config().tower_reading_fields().items():
         options += [f"--{name}", *map(str, value)] if isinstance(value, list) else [f"--{name}", str(value)]
     return options
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comm import CommConfig, CommForConditionalGeneration, CommProcessor
+from comm import CommForConditionalGeneration, CommProcessor
 from comm.conversation import VICUNA_V1
+from comm.demo.tiny import tiny_config
 from comm.model.loss import IGNORE_INDEX, labelled_positions
 from comm.training.arguments import ModelArguments
 from comm.training.train import configure_trainable
@@ -157,7 +158,7 @@ def test_loss_weights_multiply_each_samples_loss(trainable_model):
 
 def test_loss_weighting_is_checked():
     with pytest.raises(ValueError, match="loss_weighting must be 'token' or 'sample'"):
-        CommConfig.tiny(loss_weighting="answer")
+        tiny_config(loss_weighting="answer")
 
 
 def test_labelled_loss_through_lora(tiny_model_dir):
@@ -189,7 +190,7 @@ def test_labelled_loss_of_an_llm_that_softcaps_its_logits():
         "final_logit_softcapping": 5.0,
     }
     torch.manual_seed(0)
-    model = CommForConditionalGeneration(CommConfig.tiny(image_token_index=500, text_config=text_config)).train()
+    model = CommForConditionalGeneration(tiny_config(image_token_index=500, text_config=text_config)).train()
     ids = torch.randint(0, 400, (2, 24))
     ids[:, 4:20] = 500
     labels = ids.clone()

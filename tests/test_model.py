@@ -10,13 +10,14 @@ from PIL import Image
 
 from comm import CommConfig, CommForConditionalGeneration, CommProcessor
 from comm.conversation import CAPTION_PROMPT, VICUNA_V1
+from comm.demo.tiny import tiny_config
 from comm.model.merge import LLNLayerscale
 from comm.model.towers import pool_to_grid, transformer_blocks
 
 
 def _random_model(**overrides) -> CommForConditionalGeneration:
     torch.manual_seed(0)
-    config = CommConfig.tiny(image_token_index=500, **overrides)
+    config = tiny_config(image_token_index=500, **overrides)
     return CommForConditionalGeneration(config).eval()
 
 
@@ -140,11 +141,11 @@ def test_placeholder_count_mismatch_is_an_error():
 
 def test_bad_layer_index_is_a_clear_error():
     with pytest.raises(ValueError, match=r"clip_layers has layer indices \[5\].*1\.\.4"):
-        CommConfig.tiny(clip_layers=[1, 5])
+        tiny_config(clip_layers=[1, 5])
     with pytest.raises(ValueError, match=r"dino_layers has layer indices \[0\]"):
-        CommConfig.tiny(dino_layers=[0, 2])
+        tiny_config(dino_layers=[0, 2])
     with pytest.raises(ValueError, match="concat"):
-        CommConfig.tiny(concat="depth")
+        tiny_config(concat="depth")
 
 
 def _inputs(processor: CommProcessor):
@@ -217,7 +218,7 @@ def test_attn_implementation_passes_through(tiny_model_dir):
 
 
 def test_qwen2_llm_works():
-    config = CommConfig.tiny(
+    config = tiny_config(
         image_token_index=500,
         text_config={
             "model_type": "qwen2",

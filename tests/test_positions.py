@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comm import CommConfig, CommForConditionalGeneration, CommProcessor, build_from_components
+from comm import CommForConditionalGeneration, CommProcessor, build_from_components
+from comm.demo.tiny import tiny_config
 from comm.inspection import model_parts
 from comm.model.positions import grid_position_codes, image_position_ids
 
@@ -22,10 +23,10 @@ def test_each_image_run_shares_its_first_position():
 
 
 def test_the_config_checks_the_setting():
-    assert CommConfig.tiny().image_positions == "sequential"
-    assert CommConfig.tiny(image_positions="shared").image_positions == "shared"
+    assert tiny_config().image_positions == "sequential"
+    assert tiny_config(image_positions="shared").image_positions == "shared"
     with pytest.raises(ValueError, match="image_positions"):
-        CommConfig.tiny(image_positions="2d")
+        tiny_config(image_positions="2d")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_the_grid_embedding_is_added_to_each_cell_and_is_saved(tiny_components, 
         tokenizer=llama_tokenizer,
         image_position_embedding=True,
         image_positions="shared",
-        **CommConfig.tiny().tower_reading_fields(),
+        **tiny_config().tower_reading_fields(),
     )
     assert "image_position_embedding" in model.trainable_vision_modules()
     assert {row["part"] for row in model_parts(model)} >= {"image_position_embedding", "projector"}
@@ -124,4 +125,4 @@ def test_the_grid_embedding_is_added_to_each_cell_and_is_saved(tiny_components, 
     torch.testing.assert_close(
         loaded.image_position_embedding.projection.weight, model.image_position_embedding.projection.weight
     )
-    assert CommForConditionalGeneration(CommConfig.tiny()).image_position_embedding is None
+    assert CommForConditionalGeneration(tiny_config()).image_position_embedding is None

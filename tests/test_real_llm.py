@@ -22,9 +22,9 @@ from comm.data.issues import IssueLog
 from comm.data.mixture import DataSpec
 from comm.data.tokenization import IGNORE_INDEX
 from comm.demo.run import SHIPPED_TOWERS, DemoConfig
+from comm.demo.tiny import tiny_config
 from comm.demo.world import WorldConfig, generate_world
 from comm.loading import load_model_and_processor
-from comm.model.configuration import CommConfig
 from comm.pipeline import CommPipeline
 from comm.training.train import main as comm_train
 
@@ -70,7 +70,7 @@ def stage0(tmp_path_factory, llm_folder) -> Path:
     """COMM from the shipped tiny towers and SmolLM2, with SmolLM2's ChatML template, saved as a model folder."""
     torch.manual_seed(0)
     # The shipped towers read as the demo reads them, pooled to 2x2: 4 visual tokens keep the LLM's sequences short.
-    reading = {**CommConfig.tiny(**DemoConfig().model_overrides).tower_reading_fields(), "grid_size": 2}
+    reading = {**tiny_config(**DemoConfig().model_overrides).tower_reading_fields(), "grid_size": 2}
     model, processor = build_from_components(
         str(SHIPPED_TOWERS / "clip"),
         str(SHIPPED_TOWERS / "dino"),

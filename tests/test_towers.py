@@ -6,7 +6,8 @@ import pytest
 import safetensors.torch
 from transformers import AutoModel
 
-from comm import CommConfig, CommForConditionalGeneration, build_from_components
+from comm import CommForConditionalGeneration, build_from_components
+from comm.demo.tiny import tiny_config
 from comm.model.towers import transformer_blocks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,7 +19,7 @@ def tower_configs(tower) -> set[int]:
 
 
 def test_towers_run_on_the_models_sub_configs_with_only_the_blocks_read(tmp_path):
-    config = CommConfig.tiny(image_token_index=500, dino_layers=[2])
+    config = tiny_config(image_token_index=500, dino_layers=[2])
     model = CommForConditionalGeneration(config)
     assert tower_configs(model.clip_tower) == {id(model.config.clip_config)}
     assert tower_configs(model.dino_tower) == {id(model.config.dino_config)}
@@ -34,11 +35,11 @@ def test_towers_run_on_the_models_sub_configs_with_only_the_blocks_read(tmp_path
 def test_built_towers_run_on_the_models_sub_configs(tiny_components, llama_tokenizer):
     model, _ = build_from_components(
         tiny_components["clip"], tiny_components["dino"], tiny_components["llm"], tokenizer=llama_tokenizer,
-        **CommConfig.tiny(dino_layers=[2]).tower_reading_fields(),
+        **tiny_config(dino_layers=[2]).tower_reading_fields(),
     )  # fmt: skip
     assert tower_configs(model.clip_tower) == {id(model.config.clip_config)}
     assert tower_configs(model.dino_tower) == {id(model.config.dino_config)}
     assert len(transformer_blocks(model.dino_tower.encoder)) == 2
-    other = AutoModel.from_config(CommConfig.tiny(clip_config={"hidden_size": 32}).clip_config)
+    other = AutoModel.from_config(tiny_config(clip_config={"hidden_size": 32}).clip_config)
     with pytest.raises(ValueError, match="differs from the tower's in hidden_size"):
         model.clip_tower.encoder = other

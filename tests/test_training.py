@@ -19,9 +19,9 @@ from conftest import single_torch_thread
 from PIL import Image, ImageDraw
 from transformers import AutoTokenizer, TrainerCallback, set_seed
 
-from comm import CommConfig, CommForConditionalGeneration, CommProcessor, build_from_components
-from comm.build import save_random_components
+from comm import CommForConditionalGeneration, CommProcessor, build_from_components
 from comm.data import DataError
+from comm.demo.tiny import save_random_components, tiny_config
 from comm.demo.tokenizer import train_demo_tokenizer
 from comm.training.checkpoints import COMPLETE, FAULT_ENV, checkpoint_problem
 from comm.training.train import train
@@ -43,8 +43,8 @@ def one_torch_thread_per_module():
 
 
 def tiny_cli_fields() -> list[str]:
-    """The CommConfig fields of `CommConfig.tiny()` that component checkpoints do not carry, as CLI options."""
-    config = CommConfig.tiny()
+    """The CommConfig fields of `tiny_config()` that component checkpoints do not carry, as CLI options."""
+    config = tiny_config()
     return [
         "--grid_size", str(config.grid_size),
         "--dino_image_size", str(config.dino_image_size),
@@ -83,7 +83,7 @@ def world(tmp_path_factory) -> dict:
     tokenizer = train_demo_tokenizer([c["conversations"][1]["value"] for c in conversations])
     tokenizer.save_pretrained(root / "tokenizer")
     torch.manual_seed(SEED)
-    components = save_random_components(root / "components", CommConfig.tiny(vocab_size=len(tokenizer)))
+    components = save_random_components(root / "components", tiny_config(vocab_size=len(tokenizer)))
     component_args = [
         "--clip", components["clip"], "--dino", components["dino"], "--llm", components["llm"],
         "--tokenizer", str(root / "tokenizer"),
@@ -123,7 +123,7 @@ def initial_model_dir(world, tmp_path_factory) -> Path:
         world["components"]["llm"],
         tokenizer=AutoTokenizer.from_pretrained(world["root"] / "tokenizer"),
         model_max_length=256,
-        **{k: getattr(CommConfig.tiny(), k) for k in ("grid_size", "dino_image_size", "clip_layers", "dino_layers")},
+        **{k: getattr(tiny_config(), k) for k in ("grid_size", "dino_image_size", "clip_layers", "dino_layers")},
     )
     folder = tmp_path_factory.mktemp("initial")
     model.save_pretrained(folder)
@@ -210,7 +210,7 @@ def test_zero_configs_parse_with_deepspeed(name, tmp_path):
     )
     config = HfTrainerDeepSpeedConfig(str(ZERO_CONFIGS / name))
     config.trainer_config_process(args)
-    model = type("Model", (), {"config": CommConfig.tiny()})()
+    model = type("Model", (), {"config": tiny_config()})()
     config.trainer_config_finalize(args, model, num_training_steps=100)
     assert not has_auto(config.config)
     parsed = DeepSpeedConfig(config.config)

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM
 
-from comm import CommConfig, CommForConditionalGeneration, CommProcessor
+from comm import CommForConditionalGeneration, CommProcessor
 from comm.conversation import VICUNA_V1
+from comm.demo.tiny import tiny_config
 from comm.model.modeling import CommImageOutput, CommModel
 from comm.model.towers import pool_to_grid, transformer_blocks
 from comm.training.arguments import ModelArguments
@@ -233,13 +234,13 @@ def test_the_headless_model_is_the_base_model(tiny, tiny_model_dir):
 
 
 def test_assigning_a_causal_lm_splits_it_into_body_and_head(tiny_components):
-    model = CommForConditionalGeneration(CommConfig.tiny(vocab_size=32000))
+    model = CommForConditionalGeneration(tiny_config(vocab_size=32000))
     llm = AutoModelForCausalLM.from_pretrained(tiny_components["llm"])
     model.language_model = llm
     assert model.language_model is llm.model and model.lm_head is llm.lm_head
     assert "language_model" not in model._modules
     phi = AutoModelForCausalLM.from_config(
-        CommConfig.tiny(text_config={"model_type": "phi", "hidden_size": 128, "num_attention_heads": 4}).text_config
+        tiny_config(text_config={"model_type": "phi", "hidden_size": 128, "num_attention_heads": 4}).text_config
     )
     with pytest.raises(ValueError, match="without bias"):
         model.language_model = phi
@@ -354,7 +355,7 @@ def test_save_writes_the_same_layout_and_loads_either(tiny, tmp_path):
 
 
 def test_an_llm_with_tied_embeddings_keeps_them_tied(tmp_path):
-    config = CommConfig.tiny(image_token_index=500, text_config={"tie_word_embeddings": True})
+    config = tiny_config(image_token_index=500, text_config={"tie_word_embeddings": True})
     assert config.tie_word_embeddings
     model = CommForConditionalGeneration(config)
     assert model.lm_head.weight is model.get_input_embeddings().weight
@@ -381,7 +382,7 @@ LLMS = {
 @pytest.mark.parametrize("model_type", sorted(LLMS))
 def test_the_lm_head_gives_the_llms_own_logits(model_type):
     text_config = {"model_type": model_type, "vocab_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
-    config = CommConfig.tiny(image_token_index=500, text_config={**text_config, **LLMS[model_type]})
+    config = tiny_config(image_token_index=500, text_config={**text_config, **LLMS[model_type]})
     torch.manual_seed(0)
     model = CommForConditionalGeneration(config).eval()
     llm = AutoModelForCausalLM.from_config(config.text_config).eval()
@@ -394,7 +395,7 @@ def test_the_lm_head_gives_the_llms_own_logits(model_type):
 
 def test_llms_whose_logits_comm_would_get_wrong_are_refused():
     with pytest.raises(ValueError, match=r"scales its logits \(logit_scale\)"):
-        CommForConditionalGeneration(CommConfig.tiny(text_config={"model_type": "mpt", "logit_scale": 0.5}))
+        CommForConditionalGeneration(tiny_config(text_config={"model_type": "mpt", "logit_scale": 0.5}))
     moe = {"model_type": "mixtral", "output_router_logits": True, "num_local_experts": 2}
     with pytest.raises(ValueError, match="output_router_logits"):
-        CommForConditionalGeneration(CommConfig.tiny(text_config=moe))
+        CommForConditionalGeneration(tiny_config(text_config=moe))

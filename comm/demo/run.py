@@ -25,12 +25,13 @@ from comm.demo.report import (
     plot_loss_curves,
 )
 from comm.demo.scenes import load_scenes
+from comm.demo.tiny import tiny_config
 from comm.demo.tokenizer import train_demo_tokenizer
 from comm.demo.world import WorldConfig, WorldFiles, all_texts, generate_world
-from comm.evaluation.files import read_jsonl
 from comm.evaluation.pope import load_pope_questions
 from comm.evaluation.rec import load_rec_jsonl
 from comm.evaluation.run_rec import PREDICTIONS_FILE
+from comm.io import read_jsonl
 from comm.loading import load_model_and_processor
 
 REPORT_FILE = "report.json"
@@ -193,8 +194,8 @@ def prepare_initial_model(config: DemoConfig, world: WorldFiles) -> Path:
     """
     from transformers import AutoTokenizer, set_seed
 
-    from comm.build import build_from_components, save_random_components
-    from comm.model.configuration import CommConfig
+    from comm.build import build_from_components
+    from comm.demo.tiny import save_random_components
 
     folder = config.out / "stage0"
     template = config.template
@@ -203,7 +204,7 @@ def prepare_initial_model(config: DemoConfig, world: WorldFiles) -> Path:
         template = template_for_tokenizer(tokenizer, config.template)  # a chat LLM keeps its own turn format
     else:
         tokenizer = train_demo_tokenizer(all_texts(world), template=config.template)
-    tiny = CommConfig.tiny(vocab_size=len(tokenizer), **config.model_overrides)
+    tiny = tiny_config(vocab_size=len(tokenizer), **config.model_overrides)
     set_seed(config.seed)  # the random towers, LLM and new modules are all drawn from the seed
     components = save_random_components(config.out / "components", tiny)
     towers = components if config.random_towers else {name: str(SHIPPED_TOWERS / name) for name in ("clip", "dino")}

@@ -124,52 +124,6 @@ class CommConfig(PreTrainedConfig):
             "dino_image_size": self.dino_image_size,
         }
 
-    @classmethod
-    def tiny(cls, vocab_size: int = 512, **overrides) -> CommConfig:
-        """A small random-init configuration for tests and the demo (CPU-friendly, seconds per step)."""
-        fields = {
-            "clip_config": {
-                "model_type": "clip_vision_model",
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "image_size": 64,
-                "patch_size": 8,
-                "projection_dim": 32,
-            },
-            "dino_config": {
-                "model_type": "dinov2",
-                "hidden_size": 48,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "mlp_ratio": 2,
-                "image_size": 64,
-                "patch_size": 8,
-            },
-            "text_config": {
-                "model_type": "llama",
-                "vocab_size": vocab_size,
-                "hidden_size": 128,
-                "intermediate_size": 256,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 512,
-                "tie_word_embeddings": False,
-            },
-            "clip_layers": [1, 2, 3, 4],
-            "dino_layers": [3, 4],
-            "grid_size": 4,
-            "dino_image_size": 64,
-        }
-        for key, value in overrides.items():
-            if key.endswith("_config") and isinstance(value, dict):
-                fields[key] = {**fields[key], **value}
-            else:
-                fields[key] = value
-        return cls(**fields)
-
 
 def check_layers(name: str, layers: list[int], num_hidden_layers: int) -> None:
     """Raise a ValueError naming ``name`` when a layer index is outside ``1..num_hidden_layers``."""

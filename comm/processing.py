@@ -396,18 +396,3 @@ def pad_list(values: list, length: int, fill: Any, side: str) -> list:
     """``values`` padded with ``fill`` to ``length`` on ``side`` (``"left"`` or ``"right"``)."""
     padding = [fill] * (length - len(values))
     return padding + values if side == "left" else values + padding
-
-
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad token-id lists to one length on ``side``; returns ``input_ids`` and ``attention_mask``."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    length = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        n = len(sequence)
-        span = slice(length - n, length) if side == "left" else slice(0, n)
-        ids[row, span] = torch.tensor(list(sequence), dtype=torch.long)
-        mask[row, span] = 1
-    return {"input_ids": ids, "attention_mask": mask}

@@ -452,7 +452,7 @@ def test_a_files_loss_weight_reaches_its_items_and_the_batch(llama_tokenizer, tm
     dataset = build_dataset(specs, processor, IssueLog())
     weights = [float(dataset[i]["loss_weight"]) for i in range(len(dataset))]
     assert weights == [3.0, 3.0, 1.0, 1.0]
-    batch = CommDataCollator(processor.pad_token_id)([dataset[i] for i in range(4)])
+    batch = CommDataCollator(processor.tokenizer)([dataset[i] for i in range(4)])
     assert batch["loss_weight"].tolist() == weights
 
 
@@ -472,7 +472,7 @@ def test_dataset_items_and_collator(llama_tokenizer, tmp_path):
     # the missing <image> placeholder is added in front of the first question (LLaVA's convention)
     assert dataset.sample(2).turns[0][0] == "<image>\nDescribe."
 
-    batch = CommDataCollator(processor.pad_token_id)(items)
+    batch = CommDataCollator(processor.tokenizer)(items)
     longest = max(dataset.lengths)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, longest)
     assert batch["pixel_values_clip"].shape == (2, 3, 64, 64) and batch["pixel_values_dino"].shape == (2, 3, 64, 64)
@@ -495,7 +495,7 @@ def test_blank_image_leaves_a_text_only_batch_loss_unchanged(tiny_model_dir):
         encoded = encoder.encode(Sample("t.jsonl", 1, 0, turns))
         items.append({"input_ids": torch.from_numpy(encoded.input_ids.astype(np.int64)),
                       "labels": torch.from_numpy(encoded.labels())})  # fmt: skip
-    plain = CommDataCollator(processor.pad_token_id)(items)
+    plain = CommDataCollator(processor.tokenizer)(items)
     padded = CommDataCollator.for_processor(processor)(items)
     assert "pixel_values_clip" not in plain and padded["pixel_values_clip"].shape[0] == 1
     blank = padded["input_ids"] == processor.image_token_id

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from comm.io import read_json
 from comm.model.modeling import CommForConditionalGeneration
-from comm.processing import (
-    HUB_ID,
-    IMAGE_PROCESSOR_ATTRIBUTES,
-    LEGACY_IMAGE_PROCESSOR_CONFIG,
-    LEGACY_SUBFOLDERS,
-    PROCESSOR_CONFIG,
-    CommProcessor,
-)
+from comm.processing import CommProcessor
+from comm.processor_folder import HUB_ID, PROCESSOR_CONFIG, missing_image_processors
 
 MODEL_CONFIG = "config.json"
 WEIGHT_FILES = (
@@ -74,24 +68,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return torch.float32
 
 
-def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file} is not valid JSON ({error})") from None
-
-
 def _missing_image_processors(path: Path) -> list[str]:
     """The image processors neither in ``processor_config.json`` nor in an older folder's subfolders."""
-    settings = _read_json(path / PROCESSOR_CONFIG)
+    settings = read_json(path / PROCESSOR_CONFIG)
     if not isinstance(settings, dict):
         raise ValueError(f"{path / PROCESSOR_CONFIG} is not a JSON object")
-    return [
-        f"{attribute} in {PROCESSOR_CONFIG}"
-        for attribute in IMAGE_PROCESSOR_ATTRIBUTES
-        if attribute not in settings
-        and not (path / LEGACY_SUBFOLDERS[attribute] / LEGACY_IMAGE_PROCESSOR_CONFIG).is_file()
-    ]
+    return [f"{attribute} in {PROCESSOR_CONFIG}" for attribute in missing_image_processors(path, settings)]
 
 
 def check_model_folder(folder: str | Path, require_weights: bool = True) -> Path:
@@ -117,10 +99,10 @@ def check_model_folder(folder: str | Path, require_weights: bool = True) -> Path
         if PROCESSOR_CONFIG in missing and MODEL_CONFIG not in missing:
             hint = " (save the processor next to the model: processor.save_pretrained(folder))"
         raise FileNotFoundError(f"{path} is not a complete COMM model folder: missing {', '.join(missing)}{hint}")
-    try:
-        model_type = json.loads((path / MODEL_CONFIG).read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise ValueError(f"{path / MODEL_CONFIG} is not a valid model config ({error})") from None
+    config = read_json(path / MODEL_CONFIG)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / MODEL_CONFIG} is not a valid model config (not a JSON object)")
+    model_type = config.get("model_type")
     if model_type != "comm":
         raise ValueError(f"{path / MODEL_CONFIG} has model_type {model_type!r}, expected 'comm'")
     return path

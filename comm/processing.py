@@ -4,7 +4,6 @@ transformers `ProcessorMixin` that `AutoProcessor` loads once ``comm`` is import
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,19 +29,14 @@ from comm.conversation import IMAGE_PLACEHOLDER, VICUNA_V1, ConversationTemplate
 from comm.images import ImageInput, load_image
 from comm.model.configuration import CommConfig
 from comm.model.modeling import PIXEL_VALUES_CLIP, PIXEL_VALUES_DINO
+from comm.processor_folder import HUB_ID, IMAGE_PROCESSOR_ATTRIBUTES, PROCESSOR_CONFIG, load_image_processors
 
 IMAGE_PATCH_TOKEN = "<im_patch>"
 IMAGE_START_TOKEN = "<im_start>"
 IMAGE_END_TOKEN = "<im_end>"
 IMAGE_TOKENS = (IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN)
 
-PROCESSOR_CONFIG = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-# The two image processors are saved inside processor_config.json under their attribute names; folders written
-# before CommProcessor was a ProcessorMixin keep them in these subfolders instead (still loaded).
-IMAGE_PROCESSOR_ATTRIBUTES = ("clip_image_processor", "dino_image_processor")
-LEGACY_SUBFOLDERS = {"clip_image_processor": "image_processor_clip", "dino_image_processor": "image_processor_dino"}
-LEGACY_IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 # from_pretrained's options that say where and how to read files (used up by the sub-processors' loading).
 LOADING_OPTIONS = frozenset(
     {"cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder", "proxies"}
@@ -52,8 +46,6 @@ LOADING_OPTIONS = frozenset(
 DEFAULT_NUM_IMAGE_TOKENS = CommConfig.grid_size**2
 # Outputs left as Python objects when the batch becomes tensors (per-text lists of dicts).
 SKIP_CONVERSION = ["text_replacement_offsets"]
-# A Hugging Face Hub id (owner/name) that is not a local path.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # OpenAI CLIP and ImageNet (DINOv2) normalisation constants.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -343,21 +335,12 @@ class CommProcessor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs) -> list:
-        """The tokenizer and both image processors, always the PIL backends (the pixels do not depend on whether
-        torchvision is installed); a folder written before ``processor_config.json`` held them has subfolders."""
+        """The tokenizer and both image processors (`comm.processor_folder.load_image_processors`: the PIL backends,
+        from ``processor_config.json`` or an older folder's subfolders)."""
         processor_dict = processor_dict or {}
         subfolder = kwargs.pop("subfolder", "")
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder, **kwargs)
-        image_processors = []
-        for attribute, pil_class in zip(IMAGE_PROCESSOR_ATTRIBUTES, (CLIPImageProcessorPil, BitImageProcessorPil)):
-            legacy = Path(pretrained_model_name_or_path, subfolder, LEGACY_SUBFOLDERS[attribute])
-            if isinstance(processor_dict.get(attribute), dict):
-                image_processors.append(pil_class(**processor_dict[attribute]))
-            elif (legacy / LEGACY_IMAGE_PROCESSOR_CONFIG).is_file():
-                image_processors.append(pil_class.from_pretrained(legacy))
-            else:
-                raise ValueError(f"{pretrained_model_name_or_path}: {PROCESSOR_CONFIG} has no {attribute} settings")
-        return [tokenizer, *image_processors]
+        return [tokenizer, *load_image_processors(pretrained_model_name_or_path, processor_dict, subfolder)]
 
     @classmethod
     def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs) -> tuple[dict, dict]:

@@ -345,6 +345,24 @@ def test_a_folder_saved_before_the_processor_was_a_processor_mixin_still_loads(p
         assert torch.equal(loaded.preprocess_images([image])["pixel_values_clip"], again_cropping(processor, image))
 
 
+def test_the_model_folder_check_and_the_processor_know_the_same_older_layout(processor, tiny_model_dir, tmp_path):
+    import shutil
+
+    from comm.loading import check_model_folder
+    from comm.processor_folder import missing_image_processors
+
+    folder = legacy_folder(processor, tmp_path / "legacy")
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "legacy" / "config.json")
+    assert missing_image_processors(folder, {}) == []
+    assert check_model_folder(folder, require_weights=False) == tmp_path / "legacy"
+    shutil.rmtree(tmp_path / "legacy" / "image_processor_dino")
+    assert missing_image_processors(folder, {}) == ["dino_image_processor"]
+    with pytest.raises(FileNotFoundError, match="missing dino_image_processor in processor_config.json"):
+        check_model_folder(folder, require_weights=False)
+    with pytest.raises(ValueError, match="processor_config.json has no dino_image_processor settings"):
+        CommProcessor.from_pretrained(folder)
+
+
 def again_cropping(processor: CommProcessor, image: Image.Image) -> torch.Tensor:
     """CLIP pixels of ``image`` from ``processor``'s towers in centre-crop mode (what the legacy folder says)."""
     cropping = CommProcessor(

@@ -23,6 +23,7 @@ from comm.data import (
     CommDataCollator,
     DataError,
     DataSpec,
+    ImageDecodeError,
     IssueKind,
     IssueLog,
     Sample,
@@ -531,3 +532,31 @@ def test_cached_images_are_preprocessed_once_and_give_the_same_items(llama_token
             for key in expected:
                 assert torch.equal(expected[key], got[key])
     assert len(calls) == 2 * len(records) + 2  # the plain dataset every time, the cached one once per image
+
+
+def test_an_image_that_fails_to_decode_in_training_is_a_data_error_of_one_line(llama_tokenizer, tmp_path, capsys):
+    """Data code raises its own error (no CLI error inside ``__getitem__``); the training command's wrapper prints it
+    as one line, also when a DataLoader worker re-raises it."""
+    from torch._utils import ExceptionWrapper
+
+    from comm.errors import EXIT_USER_ERROR, run_command
+
+    processor = processor_for(llama_tokenizer)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    records = [{"image": "a.png", "conversations": [message("human", "<image>\nHi"), message("gpt", "Hello.")]}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    dataset = build_dataset([DataSpec(tmp_path / "d.json")], processor, IssueLog(strict=True))
+    whole = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(whole[: len(whole) // 2])  # the header stays, the pixels are cut short
+    with pytest.raises(ImageDecodeError, match=r"d\.json:1 .*unreadable_image: decoding .*a\.png failed") as raised:
+        dataset[0]
+    assert isinstance(raised.value, ValueError) and "--verify_images" in str(raised.value)
+    try:
+        dataset[0]
+    except ImageDecodeError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what a worker sends back
+    assert run_command(wrapped.reraise) == EXIT_USER_ERROR
+    printed = capsys.readouterr().err.splitlines()
+    assert len(printed) == 1 and printed[0].startswith("error: ") and "d.json:1 " in printed[0]
+    assert "unreadable_image: decoding" in printed[0] and "Traceback" not in printed[0]

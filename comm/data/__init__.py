@@ -1,7 +1,7 @@
 """Training data: loading, validation, tokenization with assistant-only labels, mixtures and collation."""
 
 from comm.data.collator import CommDataCollator
-from comm.data.dataset import SupervisedDataset, build_dataset
+from comm.data.dataset import ImageDecodeError, SupervisedDataset, build_dataset
 from comm.data.issues import DataError, DataIssue, IssueKind, IssueLog
 from comm.data.mixture import DataSpec, mixture_indices, parse_data_specs
 from comm.data.samples import Sample, load_samples
@@ -14,6 +14,7 @@ __all__ = [
     "DataIssue",
     "DataSpec",
     "EncodedSample",
+    "ImageDecodeError",
     "IssueKind",
     "IssueLog",
     "Sample",

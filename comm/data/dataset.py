@@ -20,8 +20,12 @@ from comm.data.issues import IssueKind, IssueLog, Rejected
 from comm.data.mixture import DataSpec, mixture_indices
 from comm.data.samples import ImageChecker, Sample, load_samples
 from comm.data.tokenization import EncodedSample, SampleEncoder
-from comm.errors import UserError
 from comm.processing import CommProcessor
+
+
+class ImageDecodeError(ValueError):
+    """A training image whose header passed the data check but whose pixels fail to decode during training; the
+    one-line message names its file and line (a plain ValueError subclass: a DataLoader worker can re-raise it)."""
 
 
 class SupervisedDataset(Dataset):
@@ -98,7 +102,7 @@ class SupervisedDataset(Dataset):
             pixels = dict(self.processor.preprocess_images([sample.image]))
         except (OSError, ValueError) as error:
             issue = sample.issue(IssueKind.UNREADABLE_IMAGE, f"decoding {sample.image} failed: {error}")
-            raise UserError(
+            raise ImageDecodeError(
                 f"{issue} (its header was fine when the data was checked: pass --verify_images to decode every "
                 "image before training and skip the broken ones)"
             ) from error

@@ -118,6 +118,9 @@ def read_image_sizes(
 def load_image(image: ImageInput, name: str = "image") -> Image.Image:
     """A usable image as RGB from a PIL image, a path or an HxW(x1/3/4) array; errors name ``name`` and the file.
 
+    A path is decoded once; an RGB PIL image comes back as it is (not copied), so loading an already loaded image
+    again only re-checks its size.
+
     Raises FileNotFoundError for a missing file, `UnusableImageError` (a ValueError) for an unusable image,
     ValueError for an array of the wrong shape and TypeError for anything else.
     """
@@ -125,7 +128,7 @@ def load_image(image: ImageInput, name: str = "image") -> Image.Image:
         path = Path(image)
         with _bomb_warnings_silenced(), _open_checked(path, name) as opened:
             _decode(opened, f"{name}: {path}")
-            return to_rgb(opened.copy())
+        return to_rgb(opened)  # decoded: closing the file keeps the pixels (no copy needed)
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise ValueError(f"{name}: expected an HxW or HxWxC array with C in 1/3/4, got shape {image.shape}")

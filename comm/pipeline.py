@@ -68,6 +68,8 @@ def _text_list(texts: str | Sequence[str], kind: str) -> tuple[list[str], bool]:
 def load_images(images: ImageInput | Sequence[ImageInput]) -> list[Image.Image]:
     """Open and validate every image (path, PIL image or array) as RGB; errors name the image and its index.
 
+    The pipeline hands these images on as they are: a path is decoded here only, an RGB PIL image is not copied.
+
     >>> load_images(["cat.jpg", "dog.png"])  # doctest: +SKIP
     [<PIL.Image.Image image mode=RGB size=640x480>, <PIL.Image.Image image mode=RGB size=500x375>]
     """
@@ -86,7 +88,7 @@ def _load_pairs(
     text_list, single_text = _text_list(texts, kind)
     if not single_image and not single_text and len(image_list) != len(text_list):
         raise ValueError(f"got {len(image_list)} images but {len(text_list)} {kind}s: pass one {kind} per image")
-    loaded = [load_image(image, f"image {i}") for i, image in enumerate(image_list)]
+    loaded = load_images(image_list)
     if single_image and not single_text:
         loaded = loaded * len(text_list)
     elif single_text and not single_image:
@@ -106,6 +108,12 @@ class _Continuation:
         return self.template.prompt(question, self.history)
 
 
+def _single_conversation(count: int, what: str) -> None:
+    """Raise ValueError saying ``what`` unless there is one image/question pair (``count``)."""
+    if count != 1:
+        raise ValueError(f"{what}, got {count} pairs")
+
+
 def _check_history(history: Any) -> list[tuple[str, str]]:
     """``history`` as ``(question, answer)`` pairs, or a ValueError/TypeError naming the bad turn."""
     if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
@@ -121,11 +129,25 @@ def _check_history(history: Any) -> list[tuple[str, str]]:
     return turns
 
 
+def _conversation_turns(questions: list[str], history: Any | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """The questions to answer and the earlier turns they follow: without a ``history`` each question gets the image
+    in front (`with_image`); a history (one question only) gets it in front of its first question unless a turn
+    holds it."""
+    if history is None or not (turns := _check_history(history)):
+        return [with_image(question) for question in questions], []
+    _single_conversation(len(questions), "a history continues one conversation: give one image and one question")
+    if not any(IMAGE_PLACEHOLDER in question for question, _ in turns):
+        turns[0] = (with_image(turns[0][0]), turns[0][1])
+    return questions, turns
+
+
 class CommPipeline:
     """Inference with a COMM model: captions, grounding boxes in pixels, and free-form answers.
 
     Every call takes one image or a list (PIL images, paths or HxW(xC) uint8 arrays), validates all of
-    them before any model work, batches them with left padding and returns results in input order.
+    them and the texts before any model work, batches them with left padding and returns results in input order.
+    Each prompt is tokenized once, for generation; one over the model's limit is refused then, before its batch
+    generates.
 
     >>> pipe = CommPipeline.from_pretrained("runs/stage2/final")  # doctest: +SKIP
     >>> pipe.caption("street.jpg")  # doctest: +SKIP
@@ -178,8 +200,11 @@ class CommPipeline:
         return self.processor.template
 
     def _check_questions(self, questions: Sequence[str], history: Sequence[tuple[str, str]] = ()) -> None:
-        """Each prompt holds one image placeholder (history included) and fits the model's context."""
-        limit = self.processor.model_max_length
+        """No text holds a special token's text, and each prompt holds one image placeholder (history included).
+
+        Whether a prompt fits the model's context is checked on the processor's tokens as they are made for
+        generation (`comm.generation.encode_batch` with ``truncate=False``): each prompt is tokenized once.
+        """
         earlier = sum(question.count(IMAGE_PLACEHOLDER) for question, _ in history)
         special = special_token_texts(self.processor.tokenizer)
         texts = [(f"question {i}", q) for i, q in enumerate(questions)]
@@ -195,15 +220,6 @@ class CommPipeline:
             count = earlier + question.count(IMAGE_PLACEHOLDER)
             if count != 1:
                 raise ValueError(f"question {i} holds {count} {IMAGE_PLACEHOLDER} placeholders, expected 1")
-            if limit is None:
-                continue
-            prompt = self.processor.expand_image_placeholders(self.template.prompt(question, history))
-            length = len(self.processor.tokenizer(prompt)["input_ids"])
-            if length > limit:
-                raise ValueError(
-                    f"question {i} makes a prompt of {length} tokens (image included), over the model's limit "
-                    f"of {limit}: shorten it"
-                )
 
     def _generate(
         self,
@@ -224,6 +240,7 @@ class CommPipeline:
             questions,
             batch_size=batch_size,
             template=template,
+            truncate=False,
             **generate_kwargs,
         )
 
@@ -342,23 +359,9 @@ class CommPipeline:
         try:
             loaded, question_list, single = _load_pairs(images, questions, "question")
             if streamer is not None:
-                if len(question_list) != 1:
-                    raise ValueError(
-                        f"streaming needs a single image and a single question, got {len(question_list)} pairs"
-                    )
+                _single_conversation(len(question_list), "streaming needs a single image and a single question")
                 generate_kwargs["streamer"] = streamer
-            turns = _check_history(history) if history is not None else []
-            if turns:
-                if len(question_list) != 1:
-                    raise ValueError(
-                        f"a history continues one conversation: give one image and one question, got "
-                        f"{len(question_list)} pairs"
-                    )
-                if not any(IMAGE_PLACEHOLDER in question for question, _ in turns):
-                    turns[0] = (with_image(turns[0][0]), turns[0][1])
-                prompts = question_list
-            else:
-                prompts = [with_image(q) for q in question_list]
+            prompts, turns = _conversation_turns(question_list, history)
             answers = self._generate(
                 loaded, prompts, batch_size, history=turns, max_new_tokens=max_new_tokens, **generate_kwargs
             )

@@ -17,6 +17,7 @@ from conftest import write_huge_png
 from PIL import Image, ImageDraw
 from transformers import TextIteratorStreamer
 
+import comm.processing
 from comm.boxes import format_box, normalize_box, parse_box
 from comm.data.samples import rec_turns
 from comm.evaluation import run_rec
@@ -428,6 +429,36 @@ def test_bad_texts_raise_before_generation(pipe, images, no_generation):
     with pytest.raises(ValueError, match="history turn 0 holds the text '</s>'"):
         pipe.ask(images[0], "And now?", history=[("<image>\nWhat is it?", "A cat</s>")])
     no_generation.assert_not_called()
+
+
+def test_a_long_question_in_a_later_batch_is_named_by_its_place(pipe, images):
+    with pytest.raises(ValueError, match="question 2 makes a prompt of .* over the model's limit of 256: shorten it"):
+        pipe.ask(images[:3], ["Fine?", "Good?", "word " * 300], batch_size=2, max_new_tokens=1)
+
+
+def test_each_image_is_decoded_once_and_each_prompt_tokenized_once(pipe, images, monkeypatch):
+    """A path is opened and decoded once (by `load_images`), an RGB PIL image reaches the processor as it is (no
+    copy), and the prompt is tokenized once: the processor's tokens serve both the length check and generation."""
+    opened, squared, tokenized = [], [], []
+    open_image = Image.open
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: opened.append(args[0]) or open_image(*args, **kwargs))
+    expand = comm.processing.expand_to_square
+    monkeypatch.setattr(
+        comm.processing, "expand_to_square", lambda image, color: squared.append(image) or expand(image, color)
+    )
+    tokenizer_class = type(pipe.processor.tokenizer)
+    tokenize = tokenizer_class.__call__
+    monkeypatch.setattr(
+        tokenizer_class,
+        "__call__",
+        lambda self, text, **kwargs: tokenized.append(text) or tokenize(self, text, **kwargs),
+    )
+
+    pil, path = images[0], images[1]
+    assert pipe.ask([pil, path], ["What is this?", "And this?"], max_new_tokens=1)
+    assert opened == [Path(path)]
+    assert squared[0] is pil and squared[1].size == (64, 96)  # the path's image, decoded by load_images
+    assert len(tokenized) == 1 and len(tokenized[0]) == 2  # one call, both prompts
 
 
 # ---------------------------------------------------------------- streaming and generation options

@@ -79,6 +79,31 @@ def iter_refer(
 
     ``split_by=None`` picks the usual one: ``unc`` for refcoco/refcoco+, ``umd`` for refcocog.
     """
+    split_by = _checked_split_by(dataset, split_by, split)
+    folder = Path(data_root) / dataset
+    refs_path = folder / f"refs({split_by}).p"
+    instances_path = folder / "instances.json"
+    for required in (refs_path, instances_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"REFER file not found: {required}")
+    refs = load_restricted_pickle(refs_path)
+    if not isinstance(refs, list):
+        _refer_error(refs_path, f"expected a list of refs, got {type(refs).__name__}")
+    instances = _Instances.read(instances_path)
+    found = False
+    for index, ref in enumerate(refs):
+        _check_ref(refs_path, index, ref)
+        if ref["split"] != split:
+            continue
+        for expression in _ref_expressions(ref, refs_path, instances):
+            found = True
+            yield expression
+    if not found:
+        _refer_error(refs_path, f"no refs in split {split!r}")
+
+
+def _checked_split_by(dataset: str, split_by: str | None, split: str) -> str:
+    """``split_by`` (or the dataset's usual one), once the dataset, it and the split are known to go together."""
     if dataset not in REFER_SPLITS:
         raise ValueError(f"unknown REFER dataset {dataset!r}; known: {', '.join(REFER_SPLITS)}")
     split_bys = REFER_SPLITS[dataset]
@@ -89,66 +114,69 @@ def iter_refer(
     valid_splits = split_bys[split_by]
     if split not in valid_splits:
         raise ValueError(f"unknown split {split!r} for {dataset} ({split_by}); valid splits: {', '.join(valid_splits)}")
+    return split_by
 
-    folder = Path(data_root) / dataset
-    refs_path = folder / f"refs({split_by}).p"
-    instances_path = folder / "instances.json"
-    for required in (refs_path, instances_path):
-        if not required.is_file():
-            raise FileNotFoundError(f"REFER file not found: {required}")
 
-    refs = load_restricted_pickle(refs_path)
-    if not isinstance(refs, list):
-        _refer_error(refs_path, f"expected a list of refs, got {type(refs).__name__}")
-    instances = read_json(instances_path)
-    if not isinstance(instances, dict) or "images" not in instances or "annotations" not in instances:
-        _refer_error(instances_path, "expected a COCO object with 'images' and 'annotations'")
+@dataclass(frozen=True)
+class _Instances:
+    """A REFER ``instances.json``: its COCO images and annotations by id."""
 
-    try:
-        images = {image["id"]: image for image in instances["images"]}
-        annotations = {annotation["id"]: annotation for annotation in instances["annotations"]}
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{instances_path}: an image or annotation has no 'id' ({error!r})") from error
+    path: Path
+    images: dict[Any, dict[str, Any]]
+    annotations: dict[Any, dict[str, Any]]
 
-    found = False
-    for index, ref in enumerate(refs):
-        where = f"ref #{index}"
-        if not isinstance(ref, dict):
-            _refer_error(refs_path, f"{where} is a {type(ref).__name__}, not a dict")
-        missing = [key for key in ("ref_id", "ann_id", "image_id", "split", "sentences") if key not in ref]
-        if missing:
-            _refer_error(refs_path, f"{where} lacks {', '.join(missing)}")
-        if not all(isinstance(ref[key], (int, str)) for key in ("ref_id", "ann_id", "image_id")):
-            _refer_error(refs_path, f"{where}: ref_id, ann_id and image_id must be numbers or strings")
-        if not isinstance(ref["sentences"], list):
-            _refer_error(refs_path, f"{where}: 'sentences' must be a list")
-        if ref["split"] != split:
-            continue
-        where = f"ref_id {ref['ref_id']}"
-        annotation = annotations.get(ref["ann_id"])
-        if annotation is None:
-            _refer_error(instances_path, f"no annotation with id {ref['ann_id']} (needed by {where})")
-        image = images.get(ref["image_id"])
-        if image is None:
-            _refer_error(instances_path, f"no image with id {ref['image_id']} (needed by {where})")
-        bbox = annotation.get("bbox")
-        if not is_box(bbox):
-            _refer_error(instances_path, f"annotation {ref['ann_id']} has no [x, y, w, h] bbox: {bbox!r}")
-        if not isinstance(image.get("file_name"), str):
-            _refer_error(instances_path, f"image {ref['image_id']} has no file_name string")
-        size = [image.get(key) if is_finite_number(image.get(key)) else None for key in ("width", "height")]
-        for sentence_index, sentence in enumerate(ref["sentences"]):
-            text = sentence.get("sent", sentence.get("raw")) if isinstance(sentence, dict) else None
-            if not isinstance(text, str):
-                _refer_error(refs_path, f"{where}, sentence {sentence_index} has no 'sent' text")
-            found = True
-            yield ReferExpression(
-                id=f"{ref['ref_id']}_{sentence_index}",
-                file_name=image["file_name"],
-                width=size[0],
-                height=size[1],
-                expression=text,
-                bbox=tuple(bbox),
-            )
-    if not found:
-        _refer_error(refs_path, f"no refs in split {split!r}")
+    @classmethod
+    def read(cls, path: Path) -> _Instances:
+        """Read and index ``path``; an object that is not COCO-like is a ValueError naming it."""
+        instances = read_json(path)
+        if not isinstance(instances, dict) or "images" not in instances or "annotations" not in instances:
+            _refer_error(path, "expected a COCO object with 'images' and 'annotations'")
+        try:
+            images = {image["id"]: image for image in instances["images"]}
+            annotations = {annotation["id"]: annotation for annotation in instances["annotations"]}
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path}: an image or annotation has no 'id' ({error!r})") from error
+        return cls(path, images, annotations)
+
+
+def _check_ref(refs_path: Path, index: int, ref: Any) -> None:
+    """A ref must be a dict with its ids (numbers or strings), a split and a list of sentences."""
+    where = f"ref #{index}"
+    if not isinstance(ref, dict):
+        _refer_error(refs_path, f"{where} is a {type(ref).__name__}, not a dict")
+    missing = [key for key in ("ref_id", "ann_id", "image_id", "split", "sentences") if key not in ref]
+    if missing:
+        _refer_error(refs_path, f"{where} lacks {', '.join(missing)}")
+    if not all(isinstance(ref[key], (int, str)) for key in ("ref_id", "ann_id", "image_id")):
+        _refer_error(refs_path, f"{where}: ref_id, ann_id and image_id must be numbers or strings")
+    if not isinstance(ref["sentences"], list):
+        _refer_error(refs_path, f"{where}: 'sentences' must be a list")
+
+
+def _ref_expressions(ref: dict[str, Any], refs_path: Path, instances: _Instances) -> Iterator[ReferExpression]:
+    """The sentences of one ref, each with the ref's image and box from ``instances``."""
+    where = f"ref_id {ref['ref_id']}"
+    annotation = instances.annotations.get(ref["ann_id"])
+    if annotation is None:
+        _refer_error(instances.path, f"no annotation with id {ref['ann_id']} (needed by {where})")
+    image = instances.images.get(ref["image_id"])
+    if image is None:
+        _refer_error(instances.path, f"no image with id {ref['image_id']} (needed by {where})")
+    bbox = annotation.get("bbox")
+    if not is_box(bbox):
+        _refer_error(instances.path, f"annotation {ref['ann_id']} has no [x, y, w, h] bbox: {bbox!r}")
+    if not isinstance(image.get("file_name"), str):
+        _refer_error(instances.path, f"image {ref['image_id']} has no file_name string")
+    size = [image.get(key) if is_finite_number(image.get(key)) else None for key in ("width", "height")]
+    for sentence_index, sentence in enumerate(ref["sentences"]):
+        text = sentence.get("sent", sentence.get("raw")) if isinstance(sentence, dict) else None
+        if not isinstance(text, str):
+            _refer_error(refs_path, f"{where}, sentence {sentence_index} has no 'sent' text")
+        yield ReferExpression(
+            id=f"{ref['ref_id']}_{sentence_index}",
+            file_name=image["file_name"],
+            width=size[0],
+            height=size[1],
+            expression=text,
+            bbox=tuple(bbox),
+        )

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from comm.boxes import box_iou
-from comm.evaluation.caption import CaptionSample, load_caption_file, load_karpathy, score_captions
+from comm.evaluation.caption import CaptionSample, load_caption_file
+from comm.evaluation.caption_metrics import score_captions
 from comm.evaluation.pope import (
     load_pope_answers,
     load_pope_questions,
@@ -401,15 +402,15 @@ def test_karpathy_and_coco_caption_readers(tmp_path: Path) -> None:
         "dataset": "coco",
     }
     write_json(tmp_path / "dataset_coco.json", coco)
-    samples = load_karpathy(tmp_path / "dataset_coco.json", "test", image_root=tmp_path / "coco")
+    samples = load_caption_file(tmp_path / "dataset_coco.json", "test", image_root=tmp_path / "coco")
     assert samples == [
         CaptionSample("1", str(tmp_path / "coco" / "val2014" / "COCO_val2014_1.jpg"), ["A cat.", "A kitten sits."])
     ]
-    assert [s.id for s in load_karpathy(tmp_path / "dataset_coco.json", "restval")] == ["3"]
+    assert [s.id for s in load_caption_file(tmp_path / "dataset_coco.json", "restval")] == ["3"]
     with pytest.raises(ValueError, match=r"no images in split 'val' \(splits present: restval, test, train\)"):
-        load_karpathy(tmp_path / "dataset_coco.json", "val")
+        load_caption_file(tmp_path / "dataset_coco.json", "val")
     with pytest.raises(ValueError, match=r"unknown Karpathy split 'testing'"):
-        load_karpathy(tmp_path / "dataset_coco.json", "testing")
+        load_caption_file(tmp_path / "dataset_coco.json", "testing")
 
     flickr = {
         "images": [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -21,12 +23,14 @@ from PIL import Image
 from comm import CommForConditionalGeneration, CommProcessor
 from comm.boxes import format_box, normalize_box
 from comm.conversation import VICUNA_V1, with_image
-from comm.evaluation import run_pope, run_rec
-from comm.evaluation.pope import load_pope_questions
-from comm.evaluation.rec import PREDICTION_KEYS, load_refer
+from comm.evaluation import yes_no
+from comm.evaluation.pope import ANSWER_MODES, PopeQuestion, PopeTask, load_pope_questions
+from comm.evaluation.rec import PREDICTION_KEYS, RecTask, load_refer
+from comm.evaluation.records import METRICS_FILE, PREDICTIONS_FILE
 from comm.evaluation.resume import part_path
-from comm.evaluation.sharding import run_sharded
+from comm.evaluation.runner import answer_batch, predict_all, run_task
 from comm.evaluation.tables import format_metrics
+from comm.evaluation.task import EvaluationTask
 from comm.generation import generate_answers
 from comm.io import read_jsonl
 
@@ -45,6 +49,48 @@ def _load_script(name: str):
 eval_rec = _load_script("eval_rec")
 eval_pope = _load_script("eval_pope")
 eval_caption = _load_script("eval_caption")
+
+
+def image_file(folder: Path) -> str:
+    """A small PNG in ``folder``: every item of `UpperCaseTask` asks about it."""
+    path = folder / "item.png"
+    Image.new("RGB", (8, 8)).save(path)
+    return str(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpperCaseTask(EvaluationTask[str]):
+    """No model: an item's record holds it upper-cased under ``key``; each batch is logged in ``calls``."""
+
+    items: list[str]
+    image: str
+    key: str
+    calls: list[list[str]] = dataclasses.field(default_factory=list)
+    name: ClassVar[str] = "upper case"
+    item_name: ClassVar[str] = "item"
+    max_new_tokens: ClassVar[int] = 1
+
+    def item_id(self, item):
+        return item
+
+    def image_path(self, item):
+        return self.image
+
+    def prompt(self, item):
+        return item
+
+    def parse(self, item, answer, image_size, processor):
+        return {"id": item, self.key: answer}
+
+    def unanswered_record(self, item):
+        return {"id": item, self.key: ""}
+
+    def score(self, records):
+        return {"n": len(records)}
+
+    def answer(self, model, processor, items, images, **generate_kwargs):
+        self.calls.append(list(items))
+        return [self.parse(item, item.upper(), image.size, processor) for item, image in zip(items, images)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -203,9 +249,12 @@ def test_rec_boxes_mapped_to_pixels_and_scored(data, tmp_path, monkeypatch):
         assert len(images) == len(questions) <= 4
         return [answers[question.split("point out ")[1].split(" in the image")[0]] for question in questions]
 
-    monkeypatch.setattr(run_rec, "generate_answers", fake_generate)
-    processor = types.SimpleNamespace(pad_to_square=True, template=VICUNA_V1)  # what evaluate_rec reads of it
-    metrics = run_rec.evaluate_rec(None, processor, samples, tmp_path, batch_size=4, progress=False)
+    monkeypatch.setattr("comm.evaluation.task.generate_answers", fake_generate)
+    processor = types.SimpleNamespace(pad_to_square=True, template=VICUNA_V1)  # what the REC task reads of it
+    metrics = run_task(
+        RecTask(samples), None, processor, tmp_path / PREDICTIONS_FILE, tmp_path / METRICS_FILE, batch_size=4,
+        progress=False,
+    )  # fmt: skip
     assert metrics == {"accuracy": 4 / 6, "n": 6, "no_box": 1}
     lines = read_jsonl(tmp_path / "predictions.jsonl")
     assert lines[4]["pred_box"] is None and lines[4]["iou"] == 0.0
@@ -232,7 +281,7 @@ def test_rec_deterministic_and_resumes_without_regenerating(
         generated.extend(questions)
         return generate_answers(model, processor, images, questions, **kwargs)
 
-    monkeypatch.setattr(run_rec, "generate_answers", counting_generate)
+    monkeypatch.setattr("comm.evaluation.task.generate_answers", counting_generate)
     lines = reference.splitlines(keepends=True)
     k = 3
     # Interrupted: k lines written, then a line cut short mid-write.
@@ -251,21 +300,17 @@ def test_resume_merges_part_files_left_by_ranks(tmp_path):
     # A 2-rank run stopped early: rank 0 wrote item0, item2; rank 1 wrote item1 and half a line.
     part_path(out, 0).write_text("".join(json.dumps({"id": i, "value": i.upper()}) + "\n" for i in ("item0", "item2")))
     part_path(out, 1).write_text(json.dumps({"id": "item1", "value": "ITEM1"}) + "\n" + '{"id": "item3", "va')
-    calls: list[list[str]] = []
+    task = UpperCaseTask(items, image_file(tmp_path), "value")
 
-    def predict(batch: list[str]) -> list[dict]:
-        calls.append(batch)
-        return [{"id": item, "value": item.upper()} for item in batch]
-
-    records = run_sharded(items, lambda item: item, predict, out, key="id", batch_size=2, progress=False)
-    assert calls == [["item3", "item4"], ["item5", "item6"]]
+    records = predict_all(task, None, None, out, batch_size=2, progress=False)
+    assert task.calls == [["item3", "item4"], ["item5", "item6"]]
     assert records == [{"id": i, "value": i.upper()} for i in items]
     assert read_jsonl(out) == records
     assert not list(tmp_path.glob("*.rank*.jsonl"))
 
     out.write_text(json.dumps({"id": "other", "value": "X"}) + "\n")
     with pytest.raises(ValueError, match="not in the data being evaluated"):
-        run_sharded(items, lambda item: item, predict, out, key="id", progress=False)
+        predict_all(task, None, None, out, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -392,14 +437,10 @@ def test_resume_drops_a_last_line_cut_inside_a_utf8_character(tmp_path, capsys):
     torn = json.dumps({"id": items[2], "answer": items[2].upper()}, ensure_ascii=False).encode()
     cut = torn.index("Û".encode()) + 1  # between the two bytes of "Û"
     out.write_bytes(done.encode() + torn[:cut])
-    calls: list[list[str]] = []
+    task = UpperCaseTask(items, image_file(tmp_path), "answer")
 
-    def predict(batch: list[str]) -> list[dict]:
-        calls.append(batch)
-        return [{"id": item, "answer": item.upper()} for item in batch]
-
-    records = run_sharded(items, lambda item: item, predict, out, key="id", batch_size=4, progress=False)
-    assert calls == [items[2:]]  # the two whole lines were kept, the cut one predicted again
+    records = predict_all(task, None, None, out, batch_size=4, progress=False)
+    assert task.calls == [items[2:]]  # the two whole lines were kept, the cut one predicted again
     assert records == [{"id": i, "answer": i.upper()} for i in items] and read_jsonl(out) == records
     err = capsys.readouterr().err
     assert f"{out}: dropped its last line" in err and "kept 2 record(s)" in err
@@ -407,7 +448,7 @@ def test_resume_drops_a_last_line_cut_inside_a_utf8_character(tmp_path, capsys):
     # a bad byte on a line that ended is not an interruption: an error naming the file and the line
     out.write_bytes(done.encode() + b'{"id": "th\xc3"}\n')
     with pytest.raises(ValueError, match=rf"{out}, line 3: not UTF-8"):
-        run_sharded(items, lambda item: item, predict, out, key="id", progress=False)
+        predict_all(task, None, None, out, progress=False)
 
 
 @pytest.mark.slow
@@ -465,7 +506,7 @@ def test_pope_run_and_rescore(data, tiny_model_dir, tmp_path, capsys):
 
 def test_answer_tokens_are_the_sentencepiece_word_pieces(tiny_model_dir):
     tokenizer = CommProcessor.from_pretrained(tiny_model_dir).tokenizer
-    yes_id, no_id = run_pope.yes_no_token_ids(tokenizer)
+    yes_id, no_id = yes_no.yes_no_token_ids(tokenizer)
     assert tokenizer.convert_ids_to_tokens([yes_id, no_id]) == ["\u2581Yes", "\u2581No"]  # "▁Yes", not "Yes" or "▁"
 
 
@@ -477,14 +518,14 @@ def test_pope_logits_mode_matches_generation_restricted_to_yes_no(data, tiny_mod
     # these prompts, so the choice follows how each input differs from the others.
     model = CommForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     processor = CommProcessor.from_pretrained(tiny_model_dir)
-    yes_id, no_id = run_pope.yes_no_token_ids(processor.tokenizer)
-    questions = load_pope_questions(data / "pope_random.json")
-    images = [data / "images" / q["image"] for q in questions]
-    prompts = [with_image(q["text"]) for q in questions]
+    yes_id, no_id = yes_no.yes_no_token_ids(processor.tokenizer)
+    questions = load_pope_questions(data / "pope_random.json", data / "images")
+    images = [q.image for q in questions]
+    prompts = [with_image(q.text) for q in questions]
     captured = []
     head = model.get_output_embeddings()
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0][:, -1].detach()))
-    run_pope.yes_no_logits(model, processor, images, prompts, (yes_id, no_id))
+    yes_no.yes_no_logits(model, processor, images, prompts, (yes_id, no_id))
     hook.remove()
     mean = captured[0].mean(0)
     torch.manual_seed(3)
@@ -515,7 +556,7 @@ def test_pope_logits_mode_matches_generation_restricted_to_yes_no(data, tiny_mod
                                   logits_processor=LogitsProcessorList([OnlyYesNo()]))  # fmt: skip
     assert texts == restricted
     for answer, image, prompt in zip(answers, images, prompts):  # batched, left-padded logits = one at a time
-        ((yes, no),) = run_pope.yes_no_logits(model, processor, [image], [prompt], (yes_id, no_id))
+        ((yes, no),) = yes_no.yes_no_logits(model, processor, [image], [prompt], (yes_id, no_id))
         assert answer["metadata"]["yes_logit"] == pytest.approx(yes, abs=1e-4)
         assert answer["metadata"]["no_logit"] == pytest.approx(no, abs=1e-4)
 
@@ -553,15 +594,15 @@ def test_every_evaluation_renders_prompts_with_the_processor_template(data, tiny
     from unittest import mock
 
     from comm.conversation import CAPTION_PROMPT, ConversationTemplate, rec_prompt
-    from comm.evaluation.caption import CaptionSample
+    from comm.evaluation.caption import CaptionSample, CaptionTask
     from comm.evaluation.rec import RecSample
-    from comm.evaluation.run_caption import predict_caption_batch
 
     model = CommForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     template = ConversationTemplate(system="", user_role="Human", assistant_role="Bot")
     processor = CommProcessor.from_pretrained(tiny_model_dir, template=template)
     image = str(data / "images" / "a.png")
-    question = {"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "no"}
+    question = PopeQuestion(1, str(data / "images" / "a.png"), "Is there a cat?", "no")
+    rec_sample, caption_sample = RecSample("r", image, "the cat", (0, 0, 9, 9)), CaptionSample("c", image, ["A cat."])
     rendered = []
     original = CommProcessor.__call__
 
@@ -570,10 +611,11 @@ def test_every_evaluation_renders_prompts_with_the_processor_template(data, tiny
         return original(self, *args, text=text, **kwargs)
 
     with mock.patch.object(CommProcessor, "__call__", spy):
-        run_rec.predict_rec_batch(model, processor, [RecSample("r", image, "the cat", (0, 0, 9, 9))], max_new_tokens=1)
-        predict_caption_batch(model, processor, [CaptionSample("c", image, ["A cat."])], max_new_tokens=1)
-        for mode in run_pope.ANSWER_MODES:
-            run_pope.predict_pope_batch(model, processor, [question], data / "images", "m", mode, max_new_tokens=1)
+        answer_batch(RecTask([rec_sample]), model, processor, [rec_sample], max_new_tokens=1)
+        answer_batch(CaptionTask([caption_sample]), model, processor, [caption_sample], max_new_tokens=1)
+        for mode in ANSWER_MODES:
+            task = PopeTask([question], answer_mode=mode, model_id="m")
+            answer_batch(task, model, processor, [question], max_new_tokens=1)
     questions = [rec_prompt("the cat"), CAPTION_PROMPT, with_image("Is there a cat?"), with_image("Is there a cat?")]
     assert rendered == [template.prompt(q) for q in questions]
     assert all(text.startswith("Human: ") for text in rendered)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from comm.evaluation.rec import RecSample, score_rec
-from comm.evaluation.run_rec import rec_record
+from comm.evaluation.rec import RecSample, rec_record, score_rec
 
 # A 200x100 image: its padded square has side 200 and the image sits 50 px down, so the pixel box
 # (20, 10, 120, 60) is [0.100,0.300,0.600,0.550] on the square.

@@ -1,21 +1,31 @@
-"""Image captioning (COCO Karpathy test, Flickr30k, NoCaps): readers and the COCO caption metrics."""
+"""The captioning task (COCO Karpathy test, Flickr30k, NoCaps): samples read from Karpathy or COCO caption files,
+the caption prompt, and the COCO caption metrics (`comm.evaluation.caption_metrics`) of the captions."""
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from comm.errors import UserError
-from comm.evaluation.pope import check_ids
-from comm.extras import require_extra
+from comm.conversation import CAPTION_PROMPT
+from comm.evaluation.caption_metrics import (
+    CAPTION_TOKENIZERS,
+    _ptb_tokenize,  # noqa: F401  (kept until tests/test_optional_extras.py imports it from caption_metrics)
+    python_tokenize,  # noqa: F401  (kept until tests/test_optional_extras.py imports it from caption_metrics)
+    score_captions,
+)
+from comm.evaluation.records import read_unique_records
+from comm.evaluation.task import EvaluationTask, Record
+from comm.evaluation.unanswerable import UNANSWERABLE, count_unanswerable
 from comm.io import read_json
 
+if TYPE_CHECKING:
+    from comm.processing import CommProcessor
+
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+CAPTION_MAX_NEW_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -41,51 +51,50 @@ def _karpathy_samples(
     seen: set[str] = set()
     for index, image in enumerate(data["images"]):
         where = f"{path}: images[{index}]"
-        if not isinstance(image, dict):
-            raise ValueError(f"{where} is not an object")
-        missing = [key for key in ("filename", "split", "sentences") if key not in image]
-        if missing:
-            raise ValueError(f"{where} lacks {', '.join(missing)}")
-        if not isinstance(image["filename"], str) or not isinstance(image.get("filepath", ""), str):
-            raise ValueError(f"{where}: 'filename' and 'filepath' must be strings")
-        if not isinstance(image["sentences"], list):
-            raise ValueError(f"{where}: 'sentences' must be a list")
-        if image["split"] != split:
+        sample = _karpathy_sample(image, where, split, image_root)
+        if sample is None:
             continue
-        if "cocoid" in image:
-            image_id = str(image["cocoid"])
-        elif "imgid" in image:
-            image_id = str(image["imgid"])
-        else:
-            raise ValueError(f"{where} has neither 'cocoid' nor 'imgid'")
-        if image_id in seen:
-            raise ValueError(f"{where}: duplicate image id {image_id}")
-        seen.add(image_id)
-        references = []
-        for sentence_index, sentence in enumerate(image["sentences"]):
-            raw = sentence.get("raw") if isinstance(sentence, dict) else None
-            if not isinstance(raw, str):
-                raise ValueError(f"{where}, sentence {sentence_index} has no 'raw' text")
-            references.append(raw)
-        if not references:
-            raise ValueError(f"{where} has no reference sentences")
-        parts = [image["filepath"], image["filename"]] if image.get("filepath") else [image["filename"]]
-        samples.append(CaptionSample(image_id, _image_path(image_root, *parts), references))
+        if sample.id in seen:
+            raise ValueError(f"{where}: duplicate image id {sample.id}")
+        seen.add(sample.id)
+        samples.append(sample)
     if not samples:
         present = sorted({str(image.get("split")) for image in data["images"] if isinstance(image, dict)})
         raise ValueError(f"{path}: no images in split {split!r} (splits present: {', '.join(present)})")
     return samples
 
 
-def load_karpathy(
-    path: str | os.PathLike[str], split: str = "test", image_root: str | os.PathLike[str] | None = None
-) -> list[CaptionSample]:
-    """Read one split of a Karpathy ``dataset_coco.json`` / ``dataset_flickr30k.json`` file."""
-    path = Path(path)
-    data = read_json(path, "caption file")
-    if not _is_karpathy(data):
-        raise ValueError(f"{path}: not a Karpathy caption file (expected images with 'sentences')")
-    return _karpathy_samples(data, path, split, image_root)
+def _karpathy_sample(
+    image: Any, where: str, split: str, image_root: str | os.PathLike[str] | None
+) -> CaptionSample | None:
+    """One image of a Karpathy file as a sample, or None when it is in another split (it is checked all the same)."""
+    if not isinstance(image, dict):
+        raise ValueError(f"{where} is not an object")
+    missing = [key for key in ("filename", "split", "sentences") if key not in image]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    if not isinstance(image["filename"], str) or not isinstance(image.get("filepath", ""), str):
+        raise ValueError(f"{where}: 'filename' and 'filepath' must be strings")
+    if not isinstance(image["sentences"], list):
+        raise ValueError(f"{where}: 'sentences' must be a list")
+    if image["split"] != split:
+        return None
+    if "cocoid" in image:
+        image_id = str(image["cocoid"])
+    elif "imgid" in image:
+        image_id = str(image["imgid"])
+    else:
+        raise ValueError(f"{where} has neither 'cocoid' nor 'imgid'")
+    references = []
+    for sentence_index, sentence in enumerate(image["sentences"]):
+        raw = sentence.get("raw") if isinstance(sentence, dict) else None
+        if not isinstance(raw, str):
+            raise ValueError(f"{where}, sentence {sentence_index} has no 'raw' text")
+        references.append(raw)
+    if not references:
+        raise ValueError(f"{where} has no reference sentences")
+    parts = [image["filepath"], image["filename"]] if image.get("filepath") else [image["filename"]]
+    return CaptionSample(image_id, _image_path(image_root, *parts), references)
 
 
 def _is_karpathy(data: Any) -> bool:
@@ -152,130 +161,89 @@ def load_caption_file(
     )
 
 
-def _one_line(text: str) -> str:
-    """Collapse every kind of whitespace (the PTB tokenizer reads one caption a line) to single spaces."""
-    return " ".join(text.split())
+def caption_record(sample: CaptionSample, caption: str) -> Record:
+    """The predictions-file line of ``sample``: ``{"id", "image", "caption"}``."""
+    return {"id": sample.id, "image": sample.image, "caption": caption}
 
 
-CAPTION_TOKENIZERS = ("ptb", "python")
-# pycocoevalcap drops these tokens after the PTB tokenizer has run; the Python tokenization drops the same.
-PTB_PUNCTUATION = frozenset(
-    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
-)
-# Words (hyphenated and slashed words stay whole, as in PTB), the PTB clitics n't / 's / 're..., and any other
-# single non-space character (punctuation, dropped below unless PTB keeps it).
-_PYTHON_TOKEN = re.compile(r"[a-z0-9]+(?=n't\b)|n't\b|'[a-z]+\b|[a-z0-9]+(?:[-/.][a-z0-9]+)*|\.\.\.|--|\S")
-
-
-def python_tokenize(caption: str) -> str:
-    """Lower-case ``caption`` and split it like pycocoevalcap's PTB tokenizer (no Java); punctuation is dropped.
-
-    It agrees with the PTB tokenizer on captions of plain words and punctuation; exotic input (quotes, brackets,
-    abbreviations) may split differently, so official numbers use the PTB tokenizer.
-    """
-    tokens = _PYTHON_TOKEN.findall(_one_line(caption).lower())
-    return " ".join(token for token in tokens if token not in PTB_PUNCTUATION and token not in '()[]{}"')
-
-
-def score_captions(
-    predictions: Mapping[Any, str],
-    references: Mapping[Any, list[str]],
+def score_caption_records(
+    records: Sequence[Record],
+    samples: Sequence[CaptionSample],
     spice: bool = False,
     tokenizer: str = "ptb",
 ) -> dict[str, Any]:
-    """BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE when asked) with pycocoevalcap.
+    """`score_captions` of ``{"id", "caption"}`` records against the samples' references.
 
-    ``tokenizer="ptb"`` is the official protocol: Stanford's PTB tokenizer and METEOR, both Java programs.
-    ``tokenizer="python"`` needs no Java: `python_tokenize` instead of PTB, and METEOR (Java) is reported as
-    None with the reason under ``"skipped"``; BLEU-4, ROUGE-L and CIDEr are pycocoevalcap's own Python scorers.
+    Unanswerable records (their image was not usable) score with their empty caption and are counted under
+    ``unanswerable``.
     """
-    if tokenizer not in CAPTION_TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {CAPTION_TOKENIZERS}, got {tokenizer!r}")
-    require_extra("pycocoevalcap")
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    if not references:
-        raise ValueError("no references to score against")
-    check_ids(predictions.keys(), references.keys(), what="predictions")
-    java = tokenizer == "ptb" or spice
-    if java and shutil.which("java") is None:
-        raise UserError(
-            "the PTB tokenizer, METEOR and SPICE need Java on PATH (a JRE 8 or newer); without Java, score with "
-            "the Python tokenization (--tokenizer python), which skips METEOR and SPICE"
-        )
-
-    gts: dict[str, list[dict[str, str]]] = {}
-    res: dict[str, list[dict[str, str]]] = {}
-    for image_id, captions in references.items():
-        if isinstance(captions, str) or not captions:
-            raise ValueError(f"references for {image_id!r} must be a non-empty list of strings")
-        gts[str(image_id)] = [{"caption": _one_line(str(caption))} for caption in captions]
-    for image_id, caption in predictions.items():
-        if not isinstance(caption, str):
-            raise ValueError(f"prediction for {image_id!r} is not a string")
-        res[str(image_id)] = [{"caption": _one_line(caption)}]
-
-    if tokenizer == "ptb":
-        gts_tokens, res_tokens = _ptb_tokenize(gts), _ptb_tokenize(res)
-    else:
-        gts_tokens = {key: [python_tokenize(item["caption"]) for item in items] for key, items in gts.items()}
-        res_tokens = {key: [python_tokenize(item["caption"]) for item in items] for key, items in res.items()}
-
-    bleu, _ = Bleu(4).compute_score(gts_tokens, res_tokens, verbose=0)
-    rouge, _ = Rouge().compute_score(gts_tokens, res_tokens)
-    cider, _ = Cider().compute_score(gts_tokens, res_tokens)
-    scores: dict[str, Any] = {"BLEU-4": float(bleu[3])}
-    if tokenizer == "ptb":
-        scores["METEOR"] = _meteor(gts_tokens, res_tokens)
-    else:
-        scores["METEOR"] = None
-    scores.update({"ROUGE-L": float(rouge), "CIDEr": float(cider)})
-    if tokenizer == "python":
-        scores["tokenizer"] = "python"
-        scores["skipped"] = {"METEOR": "needs Java; scored with the Python tokenization (tokenizer='python')"}
-    if spice:
-        scores["SPICE"] = _spice(gts_tokens, res_tokens)
+    predictions = {str(record["id"]): record["caption"] for record in records}
+    references = {sample.id: sample.references for sample in samples}
+    scores = score_captions(predictions, references, spice=spice, tokenizer=tokenizer)
+    unanswerable = count_unanswerable(records)
+    if unanswerable:
+        scores[UNANSWERABLE] = unanswerable
     return scores
 
 
-def _ptb_tokenize(captions: dict[str, list[dict[str, str]]]) -> dict[str, list[str]]:
-    """pycocoevalcap's PTB tokenization (Java), checked to keep every caption."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+def rescore_caption_file(
+    path: str | os.PathLike[str], samples: Sequence[CaptionSample], spice: bool = False, tokenizer: str = "ptb"
+) -> dict[str, Any]:
+    """Re-score a predictions file a caption run wrote against ``samples`` (no model)."""
 
-    tokens = PTBTokenizer().tokenize(captions)
-    if set(tokens) != set(captions) or any(len(tokens[key]) != len(captions[key]) for key in captions):
-        raise RuntimeError("the PTB tokenizer (Java) lost some captions; is Java working?")
-    return tokens
+    def check(record: dict[str, Any]) -> str | None:
+        if not isinstance(record["caption"], str):
+            return f"'caption' must be a string, got {type(record['caption']).__name__}"
+        return None
 
-
-def _meteor(gts_tokens: dict[str, list[str]], res_tokens: dict[str, list[str]]) -> float:
-    """METEOR 1.5 through pycocoevalcap's Java scorer."""
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    meteor_scorer = Meteor()
+    path = Path(path)
+    records = read_unique_records(path, ("id", "caption"), "id", check)
+    if not records:
+        raise ValueError(f"{path}: no predictions")
     try:
-        meteor, _ = meteor_scorer.compute_score(gts_tokens, res_tokens)
-    finally:
-        # A failed read leaves the scorer's lock held and its __del__ (which takes the lock) would hang.
-        if meteor_scorer.lock.locked():
-            meteor_scorer.lock.release()
-        meteor_scorer.meteor_p.kill()
-        meteor_scorer.meteor_p.wait()
-    return float(meteor)
+        return score_caption_records(records, samples, spice=spice, tokenizer=tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
-def _spice(gts_tokens: dict[str, list[str]], res_tokens: dict[str, list[str]]) -> float:
-    """SPICE needs Stanford CoreNLP 3.6.0 next to pycocoevalcap's spice jar; it is not downloaded here."""
-    from pycocoevalcap.spice import get_stanford_models
-    from pycocoevalcap.spice.spice import Spice
+@dataclass(frozen=True)
+class CaptionTask(EvaluationTask[CaptionSample]):
+    """Caption each image; BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE with ``spice``) against its references.
 
-    jar = Path(get_stanford_models.SPICEDIR) / get_stanford_models.SPICELIB / f"{get_stanford_models.JAR}.jar"
-    if not jar.is_file():
-        raise UserError(
-            f"SPICE needs {jar}; fetch it once with `python -m pycocoevalcap.spice.get_stanford_models` "
-            "(it downloads Stanford CoreNLP) or score without SPICE"
-        )
-    score, _ = Spice().compute_score(gts_tokens, res_tokens)
-    return float(score)
+    ``tokenizer="python"`` scores without Java (see `score_captions`).
+    """
+
+    items: Sequence[CaptionSample]
+    spice: bool = False
+    tokenizer: str = "ptb"
+    name: ClassVar[str] = "captions"
+    item_name: ClassVar[str] = "caption sample"
+    max_new_tokens: ClassVar[int] = CAPTION_MAX_NEW_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in CAPTION_TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {CAPTION_TOKENIZERS}, got {self.tokenizer!r}")
+
+    def item_id(self, item: CaptionSample) -> str:
+        """The image's id."""
+        return item.id
+
+    def image_path(self, item: CaptionSample) -> str:
+        """The image."""
+        return item.image
+
+    def prompt(self, item: CaptionSample) -> str:
+        """The caption prompt the model was trained with."""
+        return CAPTION_PROMPT
+
+    def parse(self, item: CaptionSample, answer: str, image_size: tuple[int, int], processor: CommProcessor) -> Record:
+        """The answer is the caption."""
+        return caption_record(item, answer)
+
+    def unanswered_record(self, item: CaptionSample) -> Record:
+        """The empty caption (it scores as a wrong one)."""
+        return caption_record(item, "")
+
+    def score(self, records: Sequence[Record]) -> dict[str, Any]:
+        """`score_caption_records` against the samples' references."""
+        return score_caption_records(records, self.items, spice=self.spice, tokenizer=self.tokenizer)

@@ -1,19 +1,29 @@
-"""Referring expression comprehension (RefCOCO/+/g): readers for REFER and JSON-lines data, Acc@0.5."""
+"""The REC task (referring expression comprehension, RefCOCO/+/g): samples read from REFER or JSON lines, the
+grounding prompt, the answer's first box mapped to pixels, Acc@0.5, and the visualization grid."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from comm.boxes import box_iou, is_box, xywh_to_xyxy
+from comm.conversation import rec_prompt
+from comm.evaluation.task import EvaluationTask, Record
 from comm.evaluation.unanswerable import UNANSWERABLE, count_unanswerable
+from comm.grounding import Grounding
 from comm.io import iter_jsonl_strict
 from comm.refer import iter_refer
 
+if TYPE_CHECKING:
+    from comm.processing import CommProcessor
+
 IOU_THRESHOLD = 0.5
 PREDICTION_KEYS = ("id", "expression", "answer", "pred_box", "gt_box", "iou")
+REC_MAX_NEW_TOKENS = 64  # "[0.123,0.456,0.789,0.999]" is ~27 LLaMA tokens (digits are single tokens)
+VISUALIZATION_FILE = "visualization.png"
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,25 @@ def load_rec_jsonl(path: str | os.PathLike[str], image_root: str | os.PathLike[s
     return samples
 
 
-def score_rec(records: list[dict[str, Any]]) -> dict[str, Any]:
+def rec_record(sample: RecSample, answer: str, width: int, height: int, pad_to_square: bool = True) -> Record:
+    """The predictions-file line for ``sample``: the answer's first box mapped to original-image pixels.
+
+    ``pad_to_square`` is the processor's image mode (the square the answer's box is normalised to).
+    """
+    box = Grounding.from_answer(answer, (width, height), pad_to_square).box
+    pred_box = list(box) if box is not None else None
+    gt_box = list(sample.bbox_xyxy)
+    return {
+        "id": sample.id,
+        "expression": sample.expression,
+        "answer": answer,
+        "pred_box": pred_box,
+        "gt_box": gt_box,
+        "iou": box_iou(pred_box, gt_box),
+    }
+
+
+def score_rec(records: Sequence[Record]) -> dict[str, Any]:
     """Acc@0.5 over ``{"pred_box": [x0, y0, x1, y1] | None, "gt_box": [x0, y0, x1, y1]}`` pixel records.
 
     A record without a box is wrong; it is counted in ``no_box``, or in ``unanswerable`` when it is marked so (its
@@ -124,3 +152,77 @@ def rescore_predictions_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not records:
         raise ValueError(f"{path}: no predictions")
     return score_rec(records)
+
+
+def save_rec_visualization(
+    records: Sequence[Record], samples: Sequence[RecSample], count: int, path: str | os.PathLike[str]
+) -> Path | None:
+    """Draw the first ``count`` predictions (gt green, prediction red, expression and IoU below) into one PNG.
+
+    Unanswerable records (their image is not usable) are passed over; with none left nothing is written (None).
+    """
+    from comm.visualize import save_rec_grid
+
+    images = {sample.id: sample.image for sample in samples}
+    cells = []
+    for record in [record for record in records if not record.get(UNANSWERABLE)][:count]:
+        caption = f"{record['expression']} (IoU {record['iou']:.2f})"
+        if record["pred_box"] is None:
+            caption += " [no box]"
+        cells.append(
+            {
+                "image": images[record["id"]],
+                "gt_box": record["gt_box"],
+                "pred_box": record["pred_box"],
+                "caption": caption,
+            }
+        )
+    if not cells:
+        return None
+    path = Path(path)
+    save_rec_grid(cells, path, columns=min(4, len(cells)))
+    return path
+
+
+@dataclass(frozen=True)
+class RecTask(EvaluationTask[RecSample]):
+    """Ground each sample's expression; Acc@0.5 of the first box; ``visualize`` draws that many into a grid."""
+
+    items: Sequence[RecSample]
+    visualize: int = 0
+    name: ClassVar[str] = "REC"
+    item_name: ClassVar[str] = "REC sample"
+    max_new_tokens: ClassVar[int] = REC_MAX_NEW_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.visualize < 0:
+            raise ValueError(f"visualize must be >= 0, got {self.visualize}")
+
+    def item_id(self, item: RecSample) -> str:
+        """The sample's id."""
+        return item.id
+
+    def image_path(self, item: RecSample) -> str:
+        """The sample's image."""
+        return item.image
+
+    def prompt(self, item: RecSample) -> str:
+        """The grounding question for the sample's expression."""
+        return rec_prompt(item.expression)
+
+    def parse(self, item: RecSample, answer: str, image_size: tuple[int, int], processor: CommProcessor) -> Record:
+        """`rec_record`: the answer's first box in pixels, in the processor's image mode."""
+        return rec_record(item, answer, *image_size, processor.pad_to_square)
+
+    def unanswered_record(self, item: RecSample) -> Record:
+        """No answer: no box, IoU 0."""
+        return rec_record(item, "", 1, 1)
+
+    def score(self, records: Sequence[Record]) -> dict[str, Any]:
+        """`score_rec`: Acc@0.5, n, no_box (and unanswerable)."""
+        return score_rec(records)
+
+    def save_extras(self, records: Sequence[Record], folder: Path) -> None:
+        """``visualization.png`` of the first ``visualize`` predictions, when asked."""
+        if self.visualize:
+            save_rec_visualization(records, self.items, self.visualize, folder / VISUALIZATION_FILE)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from comm.evaluation.pope import POPE_TABLE_COLUMNS
+# The per-split columns of the POPE metrics table (`score_pope`'s figures).
+POPE_TABLE_COLUMNS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")
 
 
 def _format_value(value: Any) -> str:

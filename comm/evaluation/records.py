@@ -1,4 +1,5 @@
-"""Evaluation inputs: records read with distinct ids, and the image files checked to exist before any model work."""
+"""Evaluation files and ids: the output file names, input records read with distinct ids, answers' ids checked
+against the items', and the image files checked to exist before any model work."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from comm.io import iter_jsonl_strict
 
+PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 
 
@@ -42,6 +44,28 @@ def read_unique_records(
         seen[key] = line_number
         records.append(record)
     return records
+
+
+def check_ids(answer_ids: Iterable[Any], expected_ids: Iterable[Any], what: str = "answers") -> None:
+    """Raise ValueError when ``answer_ids`` miss some of ``expected_ids`` or hold ids not among them.
+
+    Ids are compared as strings, so ``1`` in an answers file matches ``"1"`` in the labels.
+    """
+    answers = [str(i) for i in answer_ids]
+    expected = [str(i) for i in expected_ids]
+    answer_set, expected_set = set(answers), set(expected)
+    if len(answer_set) != len(answers):
+        duplicate = next(i for i in answers if answers.count(i) > 1)
+        raise ValueError(f"{what} hold the same id twice (as a string), e.g. {duplicate!r}")
+    missing = [i for i in expected if i not in answer_set]
+    unknown = [i for i in answers if i not in expected_set]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} id(s) missing from the {what} (first: {missing[0]!r})")
+    if unknown:
+        problems.append(f"{len(unknown)} unknown id(s) in the {what} (first: {unknown[0]!r})")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def check_files_exist(paths: Iterable[str | os.PathLike[str]], what: str = "image") -> None:

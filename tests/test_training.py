@@ -23,8 +23,9 @@ from comm import CommForConditionalGeneration, CommProcessor, build_from_compone
 from comm.data import DataError
 from comm.demo.tiny import save_random_components, tiny_config
 from comm.demo.tokenizer import train_demo_tokenizer
+from comm.training.arguments import parse_arguments
 from comm.training.checkpoints import COMPLETE, FAULT_ENV, checkpoint_problem
-from comm.training.train import train
+from comm.training.train import TrainResult, train
 from comm.training.trainer import TRAINABLE_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +107,11 @@ def world(tmp_path_factory) -> dict:
         "common": common,
         "vocab_size": len(tokenizer),
     }
+
+
+def train_with_argv(argv: list[str], callbacks: list[TrainerCallback] | tuple = ()) -> TrainResult:
+    """`train` with the arguments comm-train's command line ``argv`` gives (how these tests spell a run)."""
+    return train(*parse_arguments(argv), callbacks=callbacks)
 
 
 def weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -447,15 +453,15 @@ class StopAtStep(TrainerCallback):
 def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     # 8 samples, batch 2: 4 steps per epoch, so the resumed part (steps 4-5) crosses an epoch boundary
     args = [*world["from_components"], *world["common"], "--per_device_train_batch_size", "2", "--max_steps", "5"]
-    full = train([*args, "--output_dir", str(tmp_path / "full"), "--save_strategy", "no"])
+    full = train_with_argv([*args, "--output_dir", str(tmp_path / "full"), "--save_strategy", "no"])
     interrupted_dir = tmp_path / "interrupted"
-    first = train(
+    first = train_with_argv(
         [*args, "--output_dir", str(interrupted_dir), "--save_strategy", "steps", "--save_steps", "3"],
         callbacks=[StopAtStep(3)],
     )
     assert losses(first.log_history) == {step: losses(full.log_history)[step] for step in (1, 2, 3)}
     assert (interrupted_dir / "checkpoint-3" / TRAINABLE_WEIGHTS).is_file()
-    resumed = train(
+    resumed = train_with_argv(
         [*args, "--output_dir", str(interrupted_dir), "--save_strategy", "no", "--resume_from_checkpoint", "auto"]
     )
     expected, got = losses(full.log_history), losses(resumed.log_history)
@@ -468,11 +474,36 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
             assert entry["learning_rate"] == pytest.approx(rates[entry["step"]], rel=1e-9)
 
 
+class SignalAtStep(TrainerCallback):
+    """Sends this process ``signum`` as optimizer step ``step`` begins."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_run_from_python_stopped_by_a_signal_says_how_to_continue(world, tmp_path, capsys):
+    out = tmp_path / "stopped"
+    model_args, data_args, training_args = parse_arguments(
+        [*world["from_components"], *world["common"], "--per_device_train_batch_size", "4", "--max_steps", "3",
+         "--save_strategy", "no", "--output_dir", str(out)]
+    )  # fmt: skip
+    result = train(model_args, data_args, training_args, callbacks=[SignalAtStep(signal.SIGTERM, 2)])
+    assert result.stopped_by == signal.SIGTERM and result.checkpoint == out / "checkpoint-2"
+    assert (
+        f"stopped by SIGTERM after step 2 of 3: checkpoint {out / 'checkpoint-2'}; continue with: train() again "
+        "with the same arguments and resume_from_checkpoint='auto'"
+    ) in capsys.readouterr().err
+
+
 def test_projector_only_checkpoints_hold_only_the_vision_side(world, initial_weights, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "nowhere.png", "expression": "x", "bbox": [0, 0, 1, 1]}) + "\n")
     out = tmp_path / "projector"
-    result = train(
+    result = train_with_argv(
         [*world["from_components"], *world["common"], "--data", str(bad), "--tune", "projector",
          "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out)]
     )  # fmt: skip
@@ -498,7 +529,7 @@ def test_projector_only_checkpoints_hold_only_the_vision_side(world, initial_wei
 
 def test_lora_export_is_merged_and_loads(world, initial_model_dir, tmp_path, capsys):
     out = tmp_path / "lora"
-    result = train(
+    result = train_with_argv(
         [*world["from_components"], *world["common"], "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
          "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out),
          "--disable_tqdm", "False", "--group_by_length", "True"]
@@ -513,7 +544,7 @@ def test_strict_mode_stops_the_run_before_training(world, tmp_path):
     bad.write_text(json.dumps({"image": "img0.png", "expression": "x", "bbox": [0, 0, 1, 1]}) + "\n{oops\n")
     out = tmp_path / "strict"
     with pytest.raises(DataError, match=rf"{re.escape(str(bad))}:2 \(sample 1\): bad_json"):
-        train(
+        train_with_argv(
             [*world["from_components"], *world["common"], "--data", str(bad), "--image_folder", str(world["root"]),
              "--strict", "--max_steps", "1", "--output_dir", str(out)]
         )  # fmt: skip
@@ -522,12 +553,14 @@ def test_strict_mode_stops_the_run_before_training(world, tmp_path):
 
 def test_argument_errors_name_the_arguments(world, tmp_path):
     with pytest.raises(ValueError, match="missing --dino"):
-        train(["--clip", "a", "--llm", "b", *world["common"], "--output_dir", str(tmp_path)])
+        train_with_argv(["--clip", "a", "--llm", "b", *world["common"], "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--grid_size only apply"):
-        train(["--model_name_or_path", "x", "--grid_size", "4", *world["common"], "--output_dir", str(tmp_path)])
+        train_with_argv(
+            ["--model_name_or_path", "x", "--grid_size", "4", *world["common"], "--output_dir", str(tmp_path)]
+        )
     with pytest.raises(ValueError, match="--tune projector freezes it"):
-        train([*world["from_components"], *world["common"], "--tune", "projector", "--lora_r", "4",
-              "--output_dir", str(tmp_path)])  # fmt: skip
+        train_with_argv([*world["from_components"], *world["common"], "--tune", "projector", "--lora_r", "4",
+                         "--output_dir", str(tmp_path)])  # fmt: skip
 
 
 def test_group_by_length_uses_the_lengths_measured_at_tokenization(tiny_model_dir, tmp_path):

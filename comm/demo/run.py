@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from comm.conversation import ConversationTemplate, template_for_tokenizer
 from comm.demo.analysis import rec_error_analysis, scenes_by_image
@@ -33,6 +34,8 @@ from comm.evaluation.rec import load_rec_jsonl
 from comm.evaluation.run_rec import PREDICTIONS_FILE
 from comm.io import read_jsonl
 from comm.loading import load_model_and_processor
+from comm.training.arguments import CommTrainingArguments, DataArguments, ModelArguments
+from comm.training.train import TrainResult, train
 
 REPORT_FILE = "report.json"
 LOSS_CURVES = "loss_curves.png"
@@ -226,33 +229,36 @@ def prepare_initial_model(config: DemoConfig, world: WorldFiles) -> Path:
 
 
 def train_stage(
-    config: DemoConfig, stage: int, model_dir: Path, data: list[str], steps: int, callbacks: Sequence[Any] = ()
-):
+    config: DemoConfig,
+    stage: int,
+    model_dir: Path,
+    data: list[str],
+    steps: int,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
     """Run one training stage through the real entry point (`comm.training.train.train`)."""
-    from comm.training.train import train as train_main
-
-    output_dir = config.out / f"stage{stage}"
-    argv = [
-        "--stage", str(stage),
-        "--model_name_or_path", str(model_dir),
-        "--data", *data,
-        "--output_dir", str(output_dir),
-        "--max_steps", str(steps),
-        "--per_device_train_batch_size", str(config.batch_size),
-        "--learning_rate", str(config.learning_rate),
-        "--warmup_ratio", "0.03",
-        "--lr_scheduler_type", "cosine",
-        "--weight_decay", "0.0",
-        "--max_grad_norm", "1.0",
-        "--logging_steps", str(max(1, steps // 60)),
-        "--save_strategy", "no",
-        "--seed", str(config.seed),
-        "--model_max_length", "512",
-        "--dataloader_num_workers", "0",
-        "--report_to", "none",
-        "--loss_weighting", "sample",  # a one-word answer counts as much as a 21-token box (README, findings)
-    ]  # fmt: skip  # no --group_by_length: the tasks differ in length, and batches of one task train worse
-    return train_main(argv, callbacks=callbacks)
+    model_args = ModelArguments(
+        model_name_or_path=str(model_dir),
+        loss_weighting="sample",  # a one-word answer counts as much as a 21-token box (README, findings)
+    )
+    training_args = CommTrainingArguments(
+        output_dir=str(config.out / f"stage{stage}"),
+        stage=stage,
+        max_steps=steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_ratio=0.03,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=max(1, steps // 60),
+        save_strategy="no",
+        seed=config.seed,
+        dataloader_num_workers=0,
+        report_to="none",
+    )  # no group_by_length: the tasks differ in length, and batches of one task train worse
+    data_args = DataArguments(data=list(data), model_max_length=512)
+    return train(model_args, data_args, training_args, callbacks=callbacks)
 
 
 def start_curve(config: DemoConfig, model_dir: Path, world: WorldFiles) -> HeldOutCurve | None:

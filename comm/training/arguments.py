@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -196,17 +198,18 @@ class OneLineArgumentParser(OneLineUsageErrors, HfArgumentParser):
     """transformers' dataclass argument parser with one-line usage errors (its usage runs to 120 lines)."""
 
 
+# comm-train's options, in the order `train` takes them.
+TRAINING_ARGUMENTS = (ModelArguments, DataArguments, CommTrainingArguments)
+
+
+def dataclasses_from_namespace(namespace: argparse.Namespace, types: Sequence[type]) -> tuple:
+    """One instance of each dataclass in ``types`` from the options parsed into ``namespace`` by a parser built from
+    them (what `HfArgumentParser.parse_args_into_dataclasses` makes of its own parse)."""
+    return tuple(cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if f.init}) for cls in types)
+
+
 def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, CommTrainingArguments]:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) into the three argument dataclasses and validate them."""
-    parser = OneLineArgumentParser((ModelArguments, DataArguments, CommTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    model_args.validate()
-    data_args.validate()
-    return model_args, data_args, training_args
-
-
-def argument_names() -> set[str]:
-    """Every accepted option name (without dashes), for docs and tests."""
-    return {f.name for cls in (ModelArguments, DataArguments, CommTrainingArguments) for f in fields(cls)}
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into the three argument dataclasses (`train` validates them)."""
+    return OneLineArgumentParser(TRAINING_ARGUMENTS).parse_args_into_dataclasses(args=argv)

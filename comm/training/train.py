@@ -1,4 +1,6 @@
-"""`comm-train`: COMM stage 1 / stage 2 training with the transformers Trainer (single process, torchrun, DeepSpeed).
+"""COMM stage 1 / stage 2 training with the transformers Trainer (single process, torchrun, DeepSpeed). `train` takes
+the argument dataclasses; `run_training` is what a training command runs once its options are parsed, by `main`
+(``comm-train``, ``train/train.py``) or by ``comm train``.
 
     deepspeed --num_gpus 8 train/train.py --stage 1 --deepspeed zero_configs/zero2.json \\
         --clip openai/clip-vit-large-patch14-336 --dino facebook/dinov2-large --llm lmsys/vicuna-7b-v1.5 \\
@@ -19,7 +21,7 @@ import torch
 from transformers import ProgressCallback, TrainerCallback, set_seed
 
 from comm.build import build_from_components
-from comm.data import CommDataCollator, IssueLog, build_dataset, parse_data_specs
+from comm.data import CommDataCollator, IssueLog, SupervisedDataset, build_dataset, parse_data_specs
 from comm.errors import UserError, run_command
 from comm.loading import load_model_and_processor
 from comm.model.modeling import CommForConditionalGeneration
@@ -35,6 +37,8 @@ DATA_SUMMARY = "data_summary.json"
 LOG_HISTORY = "log_history.json"
 LOSS_PLOT = "loss.png"
 AUTO_RESUME = ("auto", "last", "true")
+# How the stop message says to continue a run started from Python.
+CONTINUE_IN_PYTHON = "train() again with the same arguments and resume_from_checkpoint='auto'"
 
 
 @dataclass
@@ -175,39 +179,27 @@ def write_outputs(output_dir: Path, log_history: list[dict], issues: IssueLog, s
     issues.write(output_dir / DATA_SUMMARY)
 
 
-def train(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
-    """Train COMM as the command line says, export ``{output_dir}/final`` and return what was produced.
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: CommTrainingArguments,
+    callbacks: Sequence[TrainerCallback] = (),
+    continue_with: str = CONTINUE_IN_PYTHON,
+) -> TrainResult:
+    """Train COMM as the arguments say, export ``{output_dir}/final`` and return what was produced.
 
     SIGTERM or SIGINT during training finishes the step, writes a checkpoint and returns without an export (unless
-    the last step was done); the main process prints the command that continues the run.
+    the last step was done); the main process prints how to continue the run, ``continue_with`` (a command line
+    passes its own command, see `continue_command`).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args = parse_arguments(argv)
+    model_args.validate()
+    data_args.validate()
     check_deepspeed_config(training_args)
-    is_main = training_args.process_index == 0
     set_seed(training_args.seed)
-
     model, processor = load_model(model_args, data_args, training_args)
     configure_trainable(model, model_args)
-
     issues = IssueLog(strict=data_args.strict)
-    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    dataset = build_dataset(
-        parse_data_specs(data_args.data),
-        processor,
-        issues,
-        seed=seed,
-        image_folder=data_args.image_folder,
-        model_max_length=data_args.model_max_length,
-        verify_images=data_args.verify_images,
-        progress=is_main and not training_args.disable_tqdm,
-        cache_images=data_args.cache_images,
-    )
-    if is_main:
-        print(issues.format_summary())
-    if len(dataset) == 0:
-        raise ValueError("no training samples are left after validation: see the data summary above")
-
+    dataset = load_training_data(data_args, training_args, processor, issues)
     trainer = CommTrainer(
         model=model,
         args=training_args,
@@ -218,9 +210,41 @@ def train(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = 
     )
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(ProgressBarCallback())
-    output_dir = Path(training_args.output_dir)
+    return run_trainer(trainer, issues, continue_with)
+
+
+def load_training_data(
+    data_args: DataArguments, training_args: CommTrainingArguments, processor: CommProcessor, issues: IssueLog
+) -> SupervisedDataset:
+    """The training mixture (bad samples noted in ``issues``, whose summary the main process prints); ValueError when
+    no sample is left."""
+    is_main = training_args.process_index == 0
+    dataset = build_dataset(
+        parse_data_specs(data_args.data),
+        processor,
+        issues,
+        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+        image_folder=data_args.image_folder,
+        model_max_length=data_args.model_max_length,
+        verify_images=data_args.verify_images,
+        progress=is_main and not training_args.disable_tqdm,
+        cache_images=data_args.cache_images,
+    )
+    if is_main:
+        print(issues.format_summary())
+    if len(dataset) == 0:
+        raise ValueError("no training samples are left after validation: see the data summary above")
+    return dataset
+
+
+def run_trainer(trainer: CommTrainer, issues: IssueLog, continue_with: str) -> TrainResult:
+    """Train (resuming as ``--resume_from_checkpoint`` says) until the last step or a stop signal; then export and
+    write the outputs, or, stopped by a signal, say where the checkpoint is and how to continue."""
+    args = trainer.args
+    is_main = args.process_index == 0
+    output_dir = Path(args.output_dir)
     export_dir = output_dir / EXPORT_FOLDER
-    resume = resolve_resume(training_args)
+    resume = resolve_resume(args)
     with GracefulStop(announce=is_main) as stop:
         trainer.add_callback(StopOnSignal(stop))
         trainer.train(resume_from_checkpoint=resume)
@@ -231,31 +255,34 @@ def train(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = 
             if is_main:
                 print(
                     f"stopped by {signal_name(stop.signum)} after step {step} of {trainer.state.max_steps}: "
-                    f"checkpoint {checkpoint}; continue with: {continue_command(argv)}",
+                    f"checkpoint {checkpoint}; continue with: {continue_with}",
                     file=sys.stderr,
                 )
             return TrainResult(output_dir, export_dir, log_history, issues.summary(), stop.signum, checkpoint)
         trainer.export(export_dir)
     if is_main:
-        write_outputs(output_dir, log_history, issues, training_args.stage)
+        write_outputs(output_dir, log_history, issues, args.stage)
         print(issues.format_summary())
         print(f"exported model and processor to {export_dir}")
     return TrainResult(output_dir, export_dir, log_history, issues.summary())
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The ``comm-train`` command: `train`, then exit status 0; a user error is one ``error:`` line and status 2; a run
-    stopped by SIGTERM/SIGINT (checkpoint written) exits 143/130."""
+def run_training(arguments: tuple[ModelArguments, DataArguments, CommTrainingArguments], continue_with: str) -> int:
+    """A training command once its options are parsed: `train`, then the exit status, 0, or 143/130 for a run that
+    SIGTERM/SIGINT stopped (checkpoint written)."""
+    result = train(*arguments, continue_with=continue_with)
+    # Tear the process group down before the interpreter does: left to exit, its gloo/shm threads can die
+    # with "terminate called without an active exception" and a non-zero status after a successful run.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0 if result.stopped_by is None else 128 + result.stopped_by
 
-    def run() -> int:
-        result = train(argv)
-        # Tear the process group down before the interpreter does: left to exit, its gloo/shm threads can die
-        # with "terminate called without an active exception" and a non-zero status after a successful run.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        return 0 if result.stopped_by is None else 128 + result.stopped_by  # 143 for SIGTERM, 130 for SIGINT
 
-    return run_command(run)
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``comm-train`` command on ``argv`` (default ``sys.argv[1:]``): `run_training`'s exit status; a user error
+    is one ``error:`` line and status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command(lambda: run_training(parse_arguments(argv), continue_command(argv)))
 
 
 if __name__ == "__main__":

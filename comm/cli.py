@@ -1,24 +1,28 @@
-"""The ``comm`` command: ``caption``, ``ground``, ``ask`` with a trained model, ``inspect`` a checkpoint, ``data``
-preparation (``refer``, ``check``), ``demo`` and the browser demo ``web``."""
+"""The ``comm`` command: ``caption``, ``ground``, ``ask`` with a trained model, ``inspect`` a checkpoint, ``train``
+one (comm-train's options), ``data`` preparation (``refer``, ``check``), ``demo`` and the browser demo ``web``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from comm.dataclass_options import add_options, from_options
+from comm.demo.config import DemoConfig
 from comm.errors import ArgumentParser, UserError, run_command
 from comm.inspection import LAYER_WEIGHTS_PLOT
 from comm.refer import REFER_SPLITS
+from comm.training.arguments import TRAINING_ARGUMENTS, OneLineArgumentParser, dataclasses_from_namespace
+from comm.training.data_check import CHECK_ARGUMENTS
 from comm.web import DEFAULT_HOST, DEFAULT_PORT
 
 MODEL_ENV = "COMM_MODEL"
 EXIT_NO_BOX = 1
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns (argparse names no public type for it)
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -35,39 +39,50 @@ def _model_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``comm`` command.
+    """The argument parser of the ``comm`` command: one subcommand (group) per function of `COMMANDS`.
 
     >>> build_parser().parse_args(["caption", "a.jpg", "--json"]).json
     True
     """
     parser = ArgumentParser(
         prog="comm",
-        description="COMM multimodal LLM: caption images, ground referring expressions, answer questions.",
+        description="COMM multimodal LLM: caption images, ground referring expressions, answer questions; train a "
+        "model, prepare its data, inspect it, serve it in the browser or run the demo.",
         epilog=f"The model folder comes from --model or the {MODEL_ENV} environment variable.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = _model_options()
+    for add_command in COMMANDS:
+        add_command(commands)
+    return parser
 
-    caption = commands.add_parser("caption", parents=[common], help="caption one or more images")
+
+def _add_caption(commands: Subcommands) -> None:
+    caption = commands.add_parser("caption", parents=[_model_options()], help="caption one or more images")
     caption.add_argument("images", nargs="+", metavar="IMAGE")
     caption.add_argument("--json", action="store_true", help="print a JSON list of {image, caption}")
     caption.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default 8)")
     caption.add_argument("--prompt", default=None, help="caption prompt (default: the training caption prompt)")
     caption.set_defaults(handler=_caption)
 
-    ground = commands.add_parser("ground", parents=[common], help="find the box of a referring expression")
+
+def _add_ground(commands: Subcommands) -> None:
+    ground = commands.add_parser("ground", parents=[_model_options()], help="find the box of a referring expression")
     ground.add_argument("image", metavar="IMAGE")
     ground.add_argument("expression", metavar="EXPRESSION")
     ground.add_argument("--draw", metavar="OUT.png", default=None, help="write the image with the box drawn")
     ground.add_argument("--json", action="store_true", help="print {image, expression, box, answer, image_size}")
     ground.set_defaults(handler=_ground)
 
-    ask = commands.add_parser("ask", parents=[common], help="answer a question about an image")
+
+def _add_ask(commands: Subcommands) -> None:
+    ask = commands.add_parser("ask", parents=[_model_options()], help="answer a question about an image")
     ask.add_argument("image", metavar="IMAGE")
     ask.add_argument("question", metavar="QUESTION")
     ask.add_argument("--stream", action="store_true", help="print the answer token by token")
     ask.set_defaults(handler=_ask)
 
+
+def _add_inspect(commands: Subcommands) -> None:
     inspect = commands.add_parser(
         "inspect", help="print a checkpoint's parts and learned LLN-Layerscale layer weights (no full load)"
     )
@@ -76,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(handler=_inspect)
 
+
+def _add_train(commands: Subcommands) -> None:
+    train = commands.add_parser(
+        "train",
+        parents=[OneLineArgumentParser(TRAINING_ARGUMENTS, add_help=False)],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="train COMM, stage 1 or 2, as comm-train does (its options; --help lists them)",
+        description="COMM stage 1 / stage 2 training with the transformers Trainer: comm-train's options.",
+    )
+    train.set_defaults(handler=_train)
+
+
+def _add_data(commands: Subcommands) -> None:
     data = commands.add_parser("data", help="prepare and check training data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     refer = data_commands.add_parser(
@@ -93,12 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the COCO folder of the images (train2014): image paths are then written relative to OUT's folder",
     )
     refer.set_defaults(handler=_data_refer)
-    data_commands.add_parser(
+    check = data_commands.add_parser(
         "check",
-        add_help=False,
+        parents=[OneLineArgumentParser(CHECK_ARGUMENTS, add_help=False)],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="read a training mixture as comm-train would and report on it (takes comm-train's options; --help)",
+        description="Read a training mixture exactly as comm-train would, without a model, and report on it.",
     )
+    check.set_defaults(handler=_data_check)
 
+
+def _add_web(commands: Subcommands) -> None:
     web = commands.add_parser(
         "web", help="serve a checkpoint in the browser: caption, ground with the box drawn, chat (needs comm[web])"
     )
@@ -116,14 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--share", action="store_true", help="also make a public gradio link (off unless asked)")
     web.set_defaults(handler=_web)
 
+
+def _add_demo(commands: Subcommands) -> None:
     demo = commands.add_parser(
         "demo",
-        add_help=False,
-        help="train and evaluate a tiny model on a generated world (arguments go to comm.demo.run)",
+        help="train and evaluate a tiny model on a generated world",
+        description="Generate a shapes world, train a tiny COMM model in two stages, evaluate, caption, report.",
     )
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    add_options(demo, DemoConfig)
     demo.set_defaults(handler=_demo)
-    return parser
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -236,21 +270,26 @@ def _data_refer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_check(argv: Sequence[str]) -> int:
+def _data_check(args: argparse.Namespace) -> int:
     from comm.training.data_check import check_data
 
-    check_data(argv)
+    check_data(*dataclasses_from_namespace(args, CHECK_ARGUMENTS))
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from comm.training.stopping import continue_command
+    from comm.training.train import run_training
+
+    # A run stopped by a signal prints how to continue it: this command again, its options (after "train") as given.
+    continue_with = continue_command(args.argv[1:], program=["comm", "train"])
+    return run_training(dataclasses_from_namespace(args, TRAINING_ARGUMENTS), continue_with)
+
+
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        run = importlib.import_module("comm.demo.run")
-    except ModuleNotFoundError as error:
-        if error.name not in ("comm.demo", "comm.demo.run"):
-            raise
-        raise UserError("the demo is not available in this installation (no module comm.demo.run)") from None
-    return int(run.main(list(args.demo_args)) or 0)
+    from comm.demo.run import main as run_demo
+
+    return run_demo(from_options(DemoConfig, args))
 
 
 def _web(args: argparse.Namespace) -> int:
@@ -275,14 +314,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv and argv[0] == "demo":
-        # Everything after "demo" belongs to the demo, options included (argparse.REMAINDER drops a leading "--x").
-        return run_command(lambda: _demo(argparse.Namespace(command="demo", demo_args=argv[1:])))
-    if argv[:2] == ["data", "check"]:
-        return run_command(lambda: _data_check(argv[2:]))  # comm-train's own option parser reads the rest
-    args = parser.parse_args(argv)
+    # The namespace keeps the command line as given: `comm train` prints it back to continue a stopped run.
+    args = build_parser().parse_args(argv, namespace=argparse.Namespace(argv=argv))
     return run_command(lambda: args.handler(args))
+
+
+# The subcommands of ``comm`` in the order its help lists them, each added by one function.
+COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
+    _add_caption,
+    _add_ground,
+    _add_ask,
+    _add_inspect,
+    _add_train,
+    _add_data,
+    _add_web,
+    _add_demo,
+)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ import json
 import os
 import re
 import runpy
+import shlex
 import shutil
 import sys
-import types
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -17,7 +18,10 @@ from conftest import write_huge_png
 from PIL import Image
 
 from comm.cli import main
+from comm.demo.config import DemoConfig
+from comm.demo.run import set_hub_access
 from comm.model.modeling import CommForConditionalGeneration
+from comm.training.arguments import parse_arguments
 
 TOKENS = "6"
 
@@ -157,12 +161,96 @@ def test_usage_errors_exit_2():
 
 def test_demo_forwards_every_argument(monkeypatch):
     calls = []
-    fake = types.ModuleType("comm.demo.run")
-    fake.main = lambda argv: calls.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "comm.demo.run", fake)
+    monkeypatch.setattr("comm.demo.run.main", lambda config: calls.append(config) or 3)
     assert main(["demo", "--out", "runs/demo", "--steps", "100", "--seed", "0"]) == 3
     assert main(["demo"]) == 3
-    assert calls == [["--out", "runs/demo", "--steps", "100", "--seed", "0"], []]
+    assert calls == [DemoConfig(out=Path("runs/demo"), steps=100, seed=0), DemoConfig()]
+
+
+def test_demo_options_are_the_config_fields_with_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["demo", "--help"])
+    assert done.value.code == 0
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", capsys.readouterr().out)) - {"--help"}
+    assert flags == {
+        "--out", "--seed", "--steps", "--batch-size", "--learning-rate", "--train-images", "--test-images",
+        "--threads", "--random-towers", "--clip", "--dino", "--llm",
+    }  # fmt: skip
+    calls = []
+    with mock.patch("comm.demo.run.main", lambda config: calls.append(config) or 0):
+        main(["demo", "--random-towers", "--llm", "my-llm", "--learning-rate", "0.01", "--train-images", "20"])
+    assert calls == [DemoConfig(random_towers=True, llm="my-llm", learning_rate=0.01, train_images=20)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "1"], "error: --steps must be at least 2 (one per stage)"),
+        (["--test-images", "1"], "error: --train-images must be >= 10 and --test-images >= 2"),
+        (["--random-towers", "--clip", "c"], "error: --random-towers and --clip/--dino exclude each other"),
+    ],
+)
+def test_demo_refuses_impossible_settings_in_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["demo", "--out", str(tmp_path / "demo"), *argv]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_is_offline_unless_a_component_checkpoint_is_given(monkeypatch):
+    for config, offline in [(DemoConfig(), "1"), (DemoConfig(llm="HuggingFaceTB/SmolLM2-135M"), "0")]:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        set_hub_access(config)
+        assert os.environ["HF_HUB_OFFLINE"] == offline
+    set_hub_access(DemoConfig())
+    assert os.environ["HF_HUB_OFFLINE"] == "0"  # a value already set wins
+
+
+def test_train_takes_comm_train_options(tmp_path, monkeypatch, capsys):
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_SIZE", "CROSS_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["--model_name_or_path", "m", "--data", "a.json", "b.jsonl:0.5", "--output_dir", str(tmp_path / "o x"),
+            "--report_to", "none", "--lora_r", "4", "--bf16", "False", "--warmup_ratio", "0.1"]  # fmt: skip
+    calls = []
+    monkeypatch.setattr("comm.training.train.run_training", lambda *args: calls.append(args) or 143)
+    assert main(["train", *argv]) == 143
+    ((arguments, continue_with),) = calls
+    assert arguments == parse_arguments(argv)
+    assert continue_with == shlex.join(["comm", "train", *argv, "--resume_from_checkpoint", "auto"])
+
+    def help_options(run) -> str:
+        with pytest.raises(SystemExit) as done:
+            run()
+        assert done.value.code == 0
+        return capsys.readouterr().out.split("\noptions:\n")[1]
+
+    monkeypatch.setattr(sys, "argv", ["comm-train"])
+    assert help_options(lambda: main(["train", "--help"])) == help_options(lambda: parse_arguments(["--help"]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--model_name_or_path", "m", "--output_dir", "o"], "comm train: error: the following arguments"),
+        (["train", "--data", "a.json", "--output_dir", "o", "--lora_r", "x"], "comm train: error: argument --lora_r"),
+        (["data", "check", "--data", "a.json", "--examples", "x"], "comm data check: error: argument --examples"),
+        (["demo", "--steps", "many"], "comm demo: error: argument --steps: invalid int value: 'many'"),
+    ],
+)
+def test_usage_errors_of_the_option_commands_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(message), err
+
+
+@pytest.mark.parametrize("command", [["train"], ["data", "check"], ["data", "refer"], ["demo"], ["inspect"], ["web"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: comm {' '.join(command)} ")
 
 
 def test_python_dash_m_comm_runs_the_cli(monkeypatch, capsys):

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from comm.conversation import ConversationTemplate, template_for_tokenizer
+from comm.conversation import template_for_tokenizer
 from comm.demo.analysis import rec_error_analysis, scenes_by_image
+from comm.demo.config import DemoConfig
 from comm.demo.curve import HeldOutCurve, box_answer_tokens, mean_box_accuracy, plot_learning_curves
 from comm.demo.report import (
     caption_examples,
@@ -52,116 +52,6 @@ MIXTURE_FILES = {
 }
 # The tiny CLIP and DINOv2 towers pretrained on generated shapes (`comm.demo.pretrain_towers` made them).
 SHIPPED_TOWERS = Path(__file__).parent / "towers"
-
-
-@dataclass
-class DemoConfig:
-    """Everything the demo run depends on; the defaults finish in under 10 minutes on a 2-core CPU."""
-
-    out: Path = Path("comm-demo")
-    seed: int = 0
-    steps: int = 2200  # optimizer steps over both stages
-    stage1_fraction: float = 0.05  # share of the steps spent in stage 1
-    # Both stages train on the whole mixture. A ratio is the share of a file each stage samples (as in --data
-    # FILE:RATIO): an epoch of the default world holds about 16k REC expressions, 13k POPE and 8k attribute
-    # questions and 4k captions. A loss weight multiplies the loss of the file's samples (--data FILE:RATIO:WEIGHT):
-    # with every sample weighted the same, REC learned about 4x slower in the mixture than alone (README, findings).
-    mixture_ratios: dict[str, float] = field(
-        default_factory=lambda: {"rec": 1.0, "pope": 1.0, "attributes": 1.0, "captions": 0.25}
-    )
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"rec": 4.0})
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    train_images: int = 4000
-    test_images: int = 100
-    pope_pairs_per_image: int = 2
-    eval_batch_size: int = 64
-    visualize: int = 8
-    captions_shown: int = 4
-    curve_every: int = 440  # optimizer steps between two points of the held-out learning curve (0: no curve)
-    curve_items: int = 96  # held-out REC expressions and POPE questions measured at each point
-    threads: int = 2  # torch threads (results differ in the last bits between thread counts); 0: torch's default
-    random_towers: bool = False  # random-init towers instead of the shipped pretrained tiny ones
-    clip: str | None = None
-    dino: str | None = None
-    llm: str | None = None
-    # Box text with 2 decimals (LLaVA-1.5's): 2 digits per coordinate instead of 3, and the model grounds about
-    # three times better at the same step (README, findings). No system prompt: shorter sequences, cheaper steps.
-    box_decimals: int = 2
-    template: ConversationTemplate = field(default_factory=lambda: ConversationTemplate(system=""))
-    # The demo's tiny model: 8x8 visual tokens per tower (a 4x4 grid grounds ~3x worse), a 4-layer 128-wide
-    # Llama. Its LLM starts at the 1/sqrt(width) init: transformers' 0.02 default is tuned for widths in the
-    # thousands and, at width 128, leaves attention nearly uniform, so the model takes far longer to learn where
-    # to look. The tower fields apply to random towers; shipped or given towers bring their own configs.
-    model_overrides: dict[str, Any] = field(
-        default_factory=lambda: {
-            "grid_size": 8,
-            # The visual tokens of an image share one LLM position, and each carries its grid cell's embedding:
-            # REC only, after 8k samples, Acc@0.5 0.25 against 0.09 with one position per token and no cell
-            # embedding, LLaVA's way (README, findings).
-            "image_positions": "shared",
-            "image_position_embedding": True,
-            "clip_config": {"hidden_size": 64, "intermediate_size": 128},
-            "dino_config": {"hidden_size": 64},
-            "text_config": {
-                "hidden_size": 128,
-                "intermediate_size": 256,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 4,
-                "initializer_range": 128**-0.5,
-            },
-        }
-    )
-
-    @property
-    def stage_steps(self) -> tuple[int, int]:
-        """Optimizer steps of stage 1 and stage 2."""
-        first = max(1, round(self.steps * self.stage1_fraction))
-        return first, max(1, self.steps - first)
-
-
-def parse_args(argv: list[str] | None) -> DemoConfig:
-    """Read the command line into a `DemoConfig`."""
-    defaults = DemoConfig()
-    parser = argparse.ArgumentParser(prog="comm demo", description=__doc__)
-    parser.add_argument("--out", type=Path, default=defaults.out, help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps over both stages")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--train-images", type=int, default=defaults.train_images)
-    parser.add_argument("--test-images", type=int, default=defaults.test_images)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument(
-        "--threads", type=int, default=defaults.threads, help="torch threads (default 2; 0 keeps torch's default)"
-    )
-    parser.add_argument(
-        "--random-towers", action="store_true", help="random-init tiny towers instead of the shipped pretrained ones"
-    )
-    parser.add_argument("--clip", help="a real CLIP checkpoint (name or folder) instead of the tiny random tower")
-    parser.add_argument("--dino", help="a real DINOv2 checkpoint instead of the tiny random tower")
-    parser.add_argument("--llm", help="a real causal LM checkpoint (and its tokenizer) instead of the tiny one")
-    args = parser.parse_args(argv)
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (one per stage)")
-    if args.train_images < 10 or args.test_images < 2:
-        parser.error("--train-images must be >= 10 and --test-images >= 2")
-    if args.random_towers and (args.clip or args.dino):
-        parser.error("--random-towers and --clip/--dino exclude each other")
-    return DemoConfig(
-        out=args.out,
-        seed=args.seed,
-        steps=args.steps,
-        train_images=args.train_images,
-        test_images=args.test_images,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        threads=args.threads,
-        random_towers=args.random_towers,
-        clip=args.clip,
-        dino=args.dino,
-        llm=args.llm,
-    )
 
 
 def mixture(world: WorldFiles, ratios: dict[str, float], loss_weights: dict[str, float]) -> list[str]:
@@ -261,6 +151,23 @@ def train_stage(
     return train(model_args, data_args, training_args, callbacks=callbacks)
 
 
+def train_stages(
+    config: DemoConfig, world: WorldFiles, stage0: Path, curve: HeldOutCurve | None
+) -> tuple[TrainResult, TrainResult]:
+    """Stage 1 from the untrained model, then stage 2 from stage 1's export, both on the world's mixture; the
+    held-out curve, if any, measured along."""
+    steps1, steps2 = config.stage_steps
+    data = mixture(world, config.mixture_ratios, config.loss_weights)
+    callbacks = [curve] if curve else []
+    if curve:
+        curve.start_stage("stage 1")
+    stage1 = train_stage(config, 1, stage0, data, steps1, callbacks)
+    if curve:
+        curve.start_stage("stage 2")
+    stage2 = train_stage(config, 2, stage1.export_dir, data, steps2, callbacks)
+    return stage1, stage2
+
+
 def start_curve(config: DemoConfig, model_dir: Path, world: WorldFiles) -> HeldOutCurve | None:
     """The held-out learning curve (its first point measured on the untrained model), or None without one."""
     if not config.curve_every:
@@ -321,8 +228,52 @@ def evaluate(
     return {"rec": rec, "pope": pope, "caption": captions}
 
 
+def examine_trained_model(config: DemoConfig, world: WorldFiles, model_dir: Path) -> dict[str, Any]:
+    """The error analysis of the evaluated REC answers, captions of a few held-out images and the learned layer
+    weights (also drawn, `LAYER_WEIGHTS`)."""
+    rec_records = read_jsonl(config.out / "eval_after" / "rec" / PREDICTIONS_FILE)
+    scenes = scenes_by_image(load_scenes(world.scenes))
+    return {
+        "rec_analysis": rec_error_analysis(rec_records, scenes),
+        "captions": caption_examples(model_dir, world, config.captions_shown),
+        "layer_weights": learned_layer_weights(model_dir, config.out / LAYER_WEIGHTS),
+    }
+
+
+def trivial_baselines(world: WorldFiles) -> dict[str, float]:
+    """What answers that ignore the image score: REC always the mean training box, POPE always one answer."""
+    return {
+        "rec": mean_box_accuracy(load_rec_jsonl(world.train_rec), load_rec_jsonl(world.test_rec)),
+        "pope": 0.5,  # the questions are balanced yes/no
+    }
+
+
+def draw_pictures(
+    config: DemoConfig,
+    stages: tuple[TrainResult, TrainResult],
+    curve: HeldOutCurve | None,
+    baselines: dict[str, float],
+) -> dict[str, str]:
+    """The loss curves, the REC examples, the learning curves (with a curve) and the layer weights (drawn by
+    `examine_trained_model`): their files by name."""
+    loss_png = plot_loss_curves(
+        {"stage 1": stages[0].log_history, "stage 2": stages[1].log_history}, config.out / LOSS_CURVES
+    )
+    rec_png = config.out / REC_GRID
+    shutil.copyfile(config.out / "eval_after" / "rec" / "visualization.png", rec_png)
+    pictures = {
+        "loss_curves": str(loss_png),
+        "rec_examples": str(rec_png),
+        "layer_weights": str(config.out / LAYER_WEIGHTS),
+    }
+    if curve:
+        pictures["learning_curves"] = str(plot_learning_curves(curve.points, baselines, config.out / LEARNING_CURVES))
+    return pictures
+
+
 def run(config: DemoConfig) -> dict[str, Any]:
     """Run the whole demo and return the report (also written as ``report.json`` in ``config.out``)."""
+    config.validate()
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -331,48 +282,22 @@ def run(config: DemoConfig) -> dict[str, Any]:
     stage0 = prepare_initial_model(config, world)
     before = evaluate(config, stage0, world, config.out / "eval_before", untrained=True)
     curve = start_curve(config, stage0, world)
-    callbacks = [curve] if curve else []
-
-    steps1, steps2 = config.stage_steps
-    data = mixture(world, config.mixture_ratios, config.loss_weights)
-    if curve:
-        curve.start_stage("stage 1")
-    stage1 = train_stage(config, 1, stage0, data, steps1, callbacks)
-    if curve:
-        curve.start_stage("stage 2")
-    stage2 = train_stage(config, 2, stage1.export_dir, data, steps2, callbacks)
+    stage1, stage2 = train_stages(config, world, stage0, curve)
     after = evaluate(config, stage2.export_dir, world, config.out / "eval_after")
-    rec_records = read_jsonl(config.out / "eval_after" / "rec" / PREDICTIONS_FILE)
-    rec_analysis = rec_error_analysis(rec_records, scenes_by_image(load_scenes(world.scenes)))
-    captions = caption_examples(stage2.export_dir, world, config.captions_shown)
-
-    loss_png = plot_loss_curves(
-        {"stage 1": stage1.log_history, "stage 2": stage2.log_history}, config.out / LOSS_CURVES
-    )
-    rec_png = config.out / REC_GRID
-    shutil.copyfile(config.out / "eval_after" / "rec" / "visualization.png", rec_png)
-    weights_png = config.out / LAYER_WEIGHTS
-    merged_layers = learned_layer_weights(stage2.export_dir, weights_png)
-    pictures = {"loss_curves": str(loss_png), "rec_examples": str(rec_png), "layer_weights": str(weights_png)}
-    baselines = {
-        "rec": mean_box_accuracy(load_rec_jsonl(world.train_rec), load_rec_jsonl(world.test_rec)),
-        "pope": 0.5,  # one answer for everything: the questions are balanced yes/no
-    }
-    if curve:
-        pictures["learning_curves"] = str(plot_learning_curves(curve.points, baselines, config.out / LEARNING_CURVES))
+    examined = examine_trained_model(config, world, stage2.export_dir)
+    baselines = trivial_baselines(world)
+    pictures = draw_pictures(config, (stage1, stage2), curve, baselines)
     report = {
         **after,
         "before": before,
-        "rec_analysis": rec_analysis,
-        "captions": captions,
-        "layer_weights": merged_layers,
+        **examined,
         "baselines": baselines,
         "curve": curve.points if curve else [],
         "loss": {
             "stage1": first_and_last_loss(stage1.log_history),
             "stage2": first_and_last_loss(stage2.log_history),
         },
-        "steps": {"stage1": steps1, "stage2": steps2},
+        "steps": {"stage1": config.stage_steps[0], "stage2": config.stage_steps[1]},
         "test_images": config.test_images,
         "seed": config.seed,
         "seconds": round(time.perf_counter() - start, 1),
@@ -385,11 +310,15 @@ def run(config: DemoConfig) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``comm demo``: run the demo and print its report."""
-    os.environ.setdefault(
-        "HF_HUB_OFFLINE", "0" if any(x in (argv or []) for x in ("--clip", "--dino", "--llm")) else "1"
-    )
-    report = run(parse_args(argv))
-    print(format_report(report))
+def set_hub_access(config: DemoConfig) -> None:
+    """The demo's one environment setting: the Hugging Face Hub offline (``HF_HUB_OFFLINE=1``) unless a component
+    checkpoint is given (``--clip``, ``--dino``, ``--llm``: it may be a Hub name to download); a value already set in
+    the environment wins."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "0" if config.clip or config.dino or config.llm else "1")
+
+
+def main(config: DemoConfig) -> int:
+    """``comm demo``: set the demo's environment, run the demo and print its report."""
+    set_hub_access(config)
+    print(format_report(run(config)))
     return 0

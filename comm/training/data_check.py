@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +18,8 @@ from comm.build import build_processor, components_config_and_tokenizer
 from comm.data import IssueKind, IssueLog, SupervisedDataset, build_dataset, parse_data_specs
 from comm.errors import UserError
 from comm.processing import CommProcessor
-from comm.training.arguments import DataArguments, ModelArguments, OneLineArgumentParser
+from comm.training.arguments import DataArguments, ModelArguments
 
-PROG = "comm data check"
 PERCENTILES = (50, 90, 99)
 
 
@@ -43,6 +41,11 @@ class CheckArguments:
             raise ValueError(f"--global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.examples < 0:
             raise ValueError(f"--examples must be >= 0, got {self.examples}")
+
+
+# The options of ``comm data check``, in the order `check_data` takes them: comm-train's model source and data,
+# then the report's own.
+CHECK_ARGUMENTS = (ModelArguments, DataArguments, CheckArguments)
 
 
 def load_processor(model_args: ModelArguments, data_args: DataArguments) -> CommProcessor:
@@ -133,10 +136,8 @@ def format_report(report: dict, ratios: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def check_data(argv: Sequence[str] | None = None) -> dict:
-    """Run ``comm data check`` on ``argv``: print the report and return it; UserError when nothing would train."""
-    parser = OneLineArgumentParser((ModelArguments, DataArguments, CheckArguments), prog=PROG)
-    model_args, data_args, check_args = parser.parse_args_into_dataclasses(args=list(argv or []))
+def check_data(model_args: ModelArguments, data_args: DataArguments, check_args: CheckArguments) -> dict:
+    """Run ``comm data check``: print the report and return it; UserError when nothing would train."""
     model_args.validate()
     data_args.validate()
     check_args.validate()

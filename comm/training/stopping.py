@@ -84,8 +84,9 @@ class StopOnSignal(TrainerCallback):
             control.should_save = False  # saved already (save_strategy epoch would write it again)
 
 
-def continue_command(argv: Sequence[str]) -> str:
-    """The command that continues this run: how it was started, with ``--resume_from_checkpoint auto``."""
+def continue_command(argv: Sequence[str], program: Sequence[str] | None = None) -> str:
+    """The command that continues this run: how it was started (``program``, by default this script or comm-train,
+    with the options ``argv``, under the launcher that started it), with ``--resume_from_checkpoint auto``."""
     args, skip = [], False
     for arg in argv:
         if skip:
@@ -94,8 +95,10 @@ def continue_command(argv: Sequence[str]) -> str:
             skip = True
         elif not arg.startswith(("--resume_from_checkpoint=", "--local_rank=")):
             args.append(arg)
-    script = sys.argv[0]
-    program = ["python", script] if script.endswith(".py") else ["comm-train"]
+    if program is None:
+        script = sys.argv[0]
+        program = ["python", script] if script.endswith(".py") else ["comm-train"]
+    program = list(program)
     env = os.environ
     if "TORCHELASTIC_RUN_ID" in env:
         launcher = ["torchrun", "--nproc_per_node", env.get("LOCAL_WORLD_SIZE", "?")]

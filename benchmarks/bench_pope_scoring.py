@@ -31,8 +31,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from benchmarks.common import build_tiny_model, fastest, finish, gpu_device, stdout_to_stderr, synchronize
 from comm.conversation import with_image
-from comm.evaluation.pope import pope_answer_is_yes
-from comm.evaluation.run_pope import NO_ANSWER, POPE_MAX_NEW_TOKENS, YES_ANSWER, yes_no_logits, yes_no_token_ids
+from comm.evaluation.pope import POPE_MAX_NEW_TOKENS, pope_answer_is_yes
+from comm.evaluation.yes_no import NO_ANSWER, YES_ANSWER, yes_no_logits, yes_no_token_ids
 from comm.generation import generate_answers
 
 BATCH_SIZE = 16

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from comm.errors import UserError
-from comm.evaluation.caption import python_tokenize, score_captions
+from comm.evaluation.caption_metrics import python_tokenize, score_captions
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("deepspeed", "flash_attn", "timm", "torchvision", "pycocotools", "pycocoevalcap", "gradio", "selenium")
@@ -109,7 +109,7 @@ def test_python_tokenization_needs_no_java_and_skips_meteor(monkeypatch):
 
 @pytest.mark.skipif(not __import__("shutil").which("java"), reason="the PTB tokenizer needs Java")
 def test_python_tokenization_matches_ptb_on_plain_captions():
-    from comm.evaluation.caption import _ptb_tokenize
+    from comm.evaluation.caption_metrics import _ptb_tokenize
 
     captions = [
         "A large green square, a small purple square and a small red triangle.",

@@ -20,8 +20,8 @@ from transformers import TextIteratorStreamer
 import comm.processing
 from comm.boxes import format_box, normalize_box, parse_box
 from comm.data.samples import rec_turns
-from comm.evaluation import run_rec
-from comm.evaluation.rec import RecSample
+from comm.evaluation.rec import RecSample, RecTask
+from comm.evaluation.runner import answer_batch
 from comm.loading import check_model_folder
 from comm.model.modeling import CommForConditionalGeneration
 from comm.pipeline import CommPipeline, Grounding
@@ -345,9 +345,9 @@ def test_a_known_box_maps_back_within_one_pixel_in_both_image_modes(pipe, monkey
     monkeypatch.setattr("comm.pipeline.generate_answers", lambda *args, **kwargs: [answer])
     assert CommPipeline(pipe.model, processor).ground(image, "the red box") == pytest.approx(drawn, abs=1.0)
 
-    monkeypatch.setattr(run_rec, "generate_answers", lambda *args, **kwargs: [answer])
+    monkeypatch.setattr("comm.evaluation.task.generate_answers", lambda *args, **kwargs: [answer])
     sample = RecSample("1", str(tmp_path / "photo.png"), "the red box", tuple(float(v) for v in drawn))
-    (record,) = run_rec.predict_rec_batch(pipe.model, processor, [sample])
+    (record,) = answer_batch(RecTask([sample]), pipe.model, processor, [sample])
     assert record["pred_box"] == pytest.approx(drawn, abs=1.0) and record["iou"] > 0.97
 
     bbox = [drawn[0], drawn[1], drawn[2] - drawn[0], drawn[3] - drawn[1]]

@@ -55,7 +55,6 @@ from benchmarks.common import (
 
 if TYPE_CHECKING:
     from comm import CommConfig, CommForConditionalGeneration
-    from comm.demo.tiny import tiny_config
 
 BAR = 0.30
 VARIANTS = ("frozen", "naive", "checkpointing")
@@ -65,6 +64,7 @@ VOCAB = 32000  # the LLaMA tokenizer's
 
 def comm_config(name: str) -> CommConfig:
     """The `CommConfig` of ``name``: ``tiny`` (the tests' model) or ``small`` (ViT-S-like towers at 224 px)."""
+    from comm.demo.tiny import tiny_config
 
     if name == "tiny":
         config = tiny_config(vocab_size=VOCAB)

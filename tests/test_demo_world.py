@@ -12,9 +12,10 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from comm.conversation import CAPTION_PROMPT, VICUNA_V1, rec_prompt
-from comm.demo.scenes import COLOURS, Scene, WorldConfig, WorldObject, load_scenes
+from comm.demo.scenes import COLOURS, Scene, WorldConfig, WorldObject
 from comm.demo.tokenizer import train_demo_tokenizer
 from comm.demo.world import WorldFiles, all_texts, generate_world
+from comm.io import read_jsonl
 
 SMALL = WorldConfig(seed=7, num_train_images=60, num_test_images=24, image_size=64)
 VICUNA_EXAMPLE = (
@@ -35,7 +36,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> WorldFiles:
 
 @pytest.fixture(scope="module")
 def scenes(world: WorldFiles) -> dict[str, Scene]:
-    return {scene.image: scene for scene in load_scenes(world.scenes)}
+    return {scene.image: scene for scene in map(Scene.from_json, read_jsonl(world.scenes))}
 
 
 @pytest.fixture(scope="module")

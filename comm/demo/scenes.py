@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -264,9 +262,3 @@ def render_scene(scene: Scene) -> Image.Image:
         mask, (bx0, by0, _, _) = _shape_mask(obj.shape, obj.side)
         image.paste(COLOURS[obj.colour], (obj.box[0] - bx0, obj.box[1] - by0), mask)
     return image
-
-
-def load_scenes(path: Path | str) -> list[Scene]:
-    """Read the scenes written to ``scenes.jsonl``."""
-    with open(path, encoding="utf-8") as handle:
-        return [Scene.from_json(json.loads(line)) for line in handle if line.strip()]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from comm.evaluation.pope import pope_answers, score_pope
-from comm.evaluation.rec import RecSample, score_rec
-from comm.evaluation.run_pope import predict_pope_batch
-from comm.evaluation.run_rec import predict_rec_batch
+from comm.evaluation.pope import PopeQuestion, PopeTask
+from comm.evaluation.rec import RecSample, RecTask, score_rec
+from comm.evaluation.runner import answer_batch
+
+if TYPE_CHECKING:
+    from comm.model.modeling import CommForConditionalGeneration
+    from comm.processing import CommProcessor
 
 
 def box_answer_tokens(box_decimals: int) -> int:
@@ -33,14 +36,13 @@ class HeldOutCurve(TrainerCallback):
 
     def __init__(
         self,
-        processor: Any,
+        processor: CommProcessor,
         rec: Sequence[RecSample],
-        pope: Sequence[dict[str, Any]],
-        image_root: Path,
+        pope: Sequence[PopeQuestion],
         every: int,
         batch_size: int = 64,
     ):
-        self.processor, self.rec, self.pope, self.image_root = processor, list(rec), list(pope), image_root
+        self.processor, self.rec, self.pope = processor, RecTask(list(rec)), PopeTask(list(pope), model_id="demo")
         self.every, self.batch_size = every, batch_size
         self.points: list[dict[str, Any]] = []
         self.stage, self.samples_before = "", 0
@@ -50,24 +52,21 @@ class HeldOutCurve(TrainerCallback):
         self.stage = name
         self.samples_before = self.points[-1]["samples"] if self.points else 0
 
-    def measure(self, model: Any) -> dict[str, float]:
+    def measure(self, model: CommForConditionalGeneration) -> dict[str, float]:
         """REC Acc@0.5 and POPE accuracy of ``model`` on the held-out items (greedy answers, eval mode)."""
         was_training = model.training
         model.eval()
         box_tokens = box_answer_tokens(self.processor.box_decimals)
-        batches = range(0, max(len(self.rec), len(self.pope)), self.batch_size)
+        rec, pope = self.rec.items, self.pope.items
         rec_records, pope_records = [], []
-        for start in batches:
+        for start in range(0, max(len(rec), len(pope)), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            if self.rec[chunk]:
-                rec_records += predict_rec_batch(model, self.processor, self.rec[chunk], max_new_tokens=box_tokens)
-            if self.pope[chunk]:
-                pope_records += predict_pope_batch(
-                    model, self.processor, self.pope[chunk], self.image_root, "demo", max_new_tokens=3
-                )
+            if rec[chunk]:
+                rec_records += answer_batch(self.rec, model, self.processor, rec[chunk], max_new_tokens=box_tokens)
+            if pope[chunk]:
+                pope_records += answer_batch(self.pope, model, self.processor, pope[chunk], max_new_tokens=3)
         model.train(was_training)
-        pope = score_pope(pope_answers(pope_records), self.pope)["accuracy"]
-        return {"rec": score_rec(rec_records)["accuracy"], "pope": pope}
+        return {"rec": self.rec.score(rec_records)["accuracy"], "pope": self.pope.score(pope_records)["accuracy"]}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         """Measure at every ``every``-th step and at the stage's last step."""

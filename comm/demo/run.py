@@ -29,9 +29,11 @@ from comm.demo.scenes import Scene
 from comm.demo.tiny import tiny_config
 from comm.demo.tokenizer import train_demo_tokenizer
 from comm.demo.world import WorldConfig, WorldFiles, all_texts, generate_world
-from comm.evaluation.pope import load_pope_questions
-from comm.evaluation.rec import load_rec_jsonl
-from comm.evaluation.run_rec import PREDICTIONS_FILE
+from comm.evaluation.caption import CaptionTask, load_caption_file
+from comm.evaluation.pope import PopeTask, load_pope_questions
+from comm.evaluation.rec import RecTask, load_rec_jsonl
+from comm.evaluation.records import METRICS_FILE, PREDICTIONS_FILE
+from comm.evaluation.runner import run_task
 from comm.io import read_jsonl
 from comm.loading import load_model_and_processor
 from comm.training.arguments import CommTrainingArguments, DataArguments, ModelArguments
@@ -174,8 +176,8 @@ def start_curve(config: DemoConfig, model_dir: Path, world: WorldFiles) -> HeldO
         return None
     model, processor = load_model_and_processor(model_dir)
     rec = load_rec_jsonl(world.test_rec, image_root=world.root)[: config.curve_items]
-    pope = load_pope_questions(world.test_pope)[: config.curve_items]
-    curve = HeldOutCurve(processor, rec, pope, world.root, config.curve_every, config.eval_batch_size)
+    pope = load_pope_questions(world.test_pope, world.root)[: config.curve_items]
+    curve = HeldOutCurve(processor, rec, pope, config.curve_every, config.eval_batch_size)
     curve.start_stage("start")
     curve.points.append({"stage": "start", "step": 0, "samples": 0, **curve.measure(model)})
     return curve
@@ -184,45 +186,43 @@ def start_curve(config: DemoConfig, model_dir: Path, world: WorldFiles) -> HeldO
 def evaluate(
     config: DemoConfig, model_dir: Path, world: WorldFiles, out_dir: Path, untrained: bool = False
 ) -> dict[str, Any]:
-    """Run the REC, POPE and caption evaluations on the held-out images through the eval code.
+    """Run the REC, POPE and caption evaluation tasks on the held-out images through the evaluation runner.
 
     An ``untrained`` model rarely ends an answer, so its answers are capped at what a right one needs (a box, a
     word, a caption's length) instead of the evaluations' usual 64 tokens: the same scores, a fraction of the time.
     """
-    from comm.evaluation.caption import load_caption_file
-    from comm.evaluation.run_caption import evaluate_captions
-    from comm.evaluation.run_pope import evaluate_pope
-    from comm.evaluation.run_rec import evaluate_rec
-
     model, processor = load_model_and_processor(model_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a fresh evaluation, not a resumed one
     batch = config.eval_batch_size
-    rec = evaluate_rec(
+    rec = run_task(
+        RecTask(load_rec_jsonl(world.test_rec, image_root=world.root), visualize=config.visualize),
         model,
         processor,
-        load_rec_jsonl(world.test_rec, image_root=world.root),
-        out_dir / "rec",
-        batch_size=batch,
-        visualize=config.visualize,
+        out_dir / "rec" / PREDICTIONS_FILE,
+        out_dir / "rec" / METRICS_FILE,
+        batch,
         **({"max_new_tokens": box_answer_tokens(processor.box_decimals)} if untrained else {}),
     )
-    pope = evaluate_pope(
+    pope = run_task(
+        PopeTask(load_pope_questions(world.test_pope, world.root)),
         model,
         processor,
-        load_pope_questions(world.test_pope),
-        world.root,
-        out_dir / "pope" / "answers.jsonl",
-        batch_size=batch,
+        out_dir / "pope" / "answers.jsonl",  # LLaVA's answers file; the metrics go to the report only
+        None,
+        batch,
         **({"max_new_tokens": 3} if untrained else {}),
     )
-    captions = evaluate_captions(
+    captions = run_task(
+        CaptionTask(
+            load_caption_file(world.test_captions, split="test", image_root=world.root),
+            tokenizer="python",  # no Java needed: METEOR is reported as skipped
+        ),
         model,
         processor,
-        load_caption_file(world.test_captions, split="test", image_root=world.root),
-        out_dir / "caption",
-        batch_size=batch,
-        tokenizer="python",  # no Java needed: METEOR is reported as skipped
+        out_dir / "caption" / PREDICTIONS_FILE,
+        out_dir / "caption" / METRICS_FILE,
+        batch,
         **({"max_new_tokens": UNTRAINED_CAPTION_TOKENS} if untrained else {}),
     )
     return {"rec": rec, "pope": pope, "caption": captions}

@@ -1,5 +1,6 @@
 """The ``comm`` command: ``caption``, ``ground``, ``ask`` with a trained model, ``inspect`` a checkpoint, ``train``
-one (comm-train's options), ``data`` preparation (``refer``, ``check``), ``demo`` and the browser demo ``web``."""
+one (comm-train's options), ``eval`` it (``rec``, ``pope``, ``caption``), ``data`` preparation (``refer``,
+``check``), ``demo`` and the browser demo ``web``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 from comm.dataclass_options import add_options, from_options
 from comm.demo.config import DemoConfig
 from comm.errors import ArgumentParser, UserError, run_command
+from comm.evaluation.commands import add_eval_commands
 from comm.inspection import LAYER_WEIGHTS_PLOT
 from comm.refer import REFER_SPLITS
 from comm.training.arguments import TRAINING_ARGUMENTS, OneLineArgumentParser, dataclasses_from_namespace
@@ -148,6 +150,13 @@ def _add_web(commands: Subcommands) -> None:
     web.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate per answer")
     web.add_argument("--share", action="store_true", help="also make a public gradio link (off unless asked)")
     web.set_defaults(handler=_web)
+
+
+def _add_eval(commands: Subcommands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a model: REC (RefCOCO/+/g), POPE, captions (the eval/ scripts' options)"
+    )
+    add_eval_commands(evaluate.add_subparsers(dest="eval_command", required=True, metavar="BENCHMARK"))
 
 
 def _add_demo(commands: Subcommands) -> None:
@@ -326,6 +335,7 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     _add_ask,
     _add_inspect,
     _add_train,
+    _add_eval,
     _add_data,
     _add_web,
     _add_demo,

@@ -24,6 +24,7 @@ from conftest import single_torch_thread
 from test_training import REPO, StopAtStep, losses, weights
 from transformers import TrainerCallback
 
+from comm.training.arguments import parse_arguments
 from comm.training.checkpoints import COMPLETE, FAULT_ENV, checkpoint_problem
 from comm.training.stopping import continue_command
 from comm.training.train import main, train
@@ -61,7 +62,7 @@ def run_args(world: dict, out: Path, *extra: str) -> list[str]:
 def reference(world, tmp_path_factory) -> dict:
     """The uninterrupted run: its per-step losses and exported weights."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = train(run_args(world, out))
+    result = train(*parse_arguments(run_args(world, out)))
     return {"losses": losses(result.log_history), "weights": weights(result.export_dir)}
 
 
@@ -193,7 +194,7 @@ class SendSignal(TrainerCallback):
 
 def test_sigterm_between_saves_writes_a_checkpoint_of_the_step_in_progress(world, reference, tmp_path, capfd):
     out = tmp_path / "run"
-    result = train(run_args(world, out), callbacks=[SendSignal(signal.SIGTERM, 3)])
+    result = train(*parse_arguments(run_args(world, out)), callbacks=[SendSignal(signal.SIGTERM, 3)])
     assert result.stopped_by == signal.SIGTERM and result.checkpoint == out / "checkpoint-3"
     assert sorted(losses(result.log_history)) == [1, 2, 3]  # step 3 finished, step 4 never began
     assert complete(out / "checkpoint-3") and not (out / "final").exists()
@@ -276,7 +277,7 @@ def test_a_real_full_disk_during_a_save(world, reference, tmp_path, capfd):
 def test_torn_folders_are_passed_over_by_auto_and_named_when_given(world, reference, tmp_path, capfd):
     # What transformers' own saving leaves when killed: an empty checkpoint-N, or one without trainer_state.json.
     out = tmp_path / "run"
-    train(run_args(world, out), callbacks=[StopAtStep(4)])
+    train(*parse_arguments(run_args(world, out)), callbacks=[StopAtStep(4)])
     shutil.rmtree(out / "checkpoint-4")
     (out / "checkpoint-4").mkdir()
     shutil.copytree(

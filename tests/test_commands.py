@@ -110,6 +110,29 @@ def cases(model: Path, folder: Path) -> dict[str, tuple[list[str], list[str], st
              "--tokenizer", "python"],
             "rec.jsonl, line 1: missing key(s) caption",
         ),
+        # The one front door runs the same commands: comm eval X = eval/eval_X.py, comm train = comm-train.
+        "comm eval rec": (
+            [*command("comm"), "eval", "rec", "--score", "rec.jsonl"],
+            [*command("comm"), "eval", "rec", "--score", "nowhere.jsonl"],
+            "nowhere.jsonl",
+        ),
+        "comm eval pope": (
+            [*command("comm"), "eval", "pope", "--questions", "questions.jsonl", "--score", "answers.jsonl"],
+            [*command("comm"), "eval", "pope", "--questions", "questions.jsonl", "--score", "rec.jsonl"],
+            "rec.jsonl, line 1: missing key(s) question_id, text",
+        ),
+        "comm eval caption": (
+            [*command("comm"), "eval", "caption", "--annotations", "karpathy.json", "--score", "captions.jsonl",
+             "--tokenizer", "python"],
+            [*command("comm"), "eval", "caption", "--annotations", "karpathy.json", "--score", "rec.jsonl",
+             "--tokenizer", "python"],
+            "rec.jsonl, line 1: missing key(s) caption",
+        ),
+        "comm train": (
+            [*command("comm"), "train", *train_model, "--data", "good.jsonl", "--output_dir", "run5"],
+            [*command("comm"), "train", *train_model, "--data", "nowhere.jsonl", "--output_dir", "run6"],
+            "--data: no such file: nowhere.jsonl",
+        ),
     }  # fmt: skip
 
 
@@ -118,7 +141,19 @@ def test_every_console_script_is_covered(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["comm", "comm-train", "train/train.py", "eval/eval_rec.py", "eval/eval_pope.py", "eval/eval_caption.py"]
+    "name",
+    [
+        "comm",
+        "comm-train",
+        "train/train.py",
+        "eval/eval_rec.py",
+        "eval/eval_pope.py",
+        "eval/eval_caption.py",
+        "comm eval rec",
+        "comm eval pope",
+        "comm eval caption",
+        "comm train",
+    ],
 )
 def test_exit_status_0_on_success_and_2_with_one_line_on_a_user_error(name, tiny_model_dir, inputs):
     success, failure, expected = cases(tiny_model_dir, inputs)[name]

@@ -90,10 +90,10 @@ def test_checkpointed_lora_training_and_export_call_nothing_deprecated(tiny_mode
     (tmp_path / "data.json").write_text(json.dumps([{"image": "green.png", "conversations": conversation}] * 2))
     with deprecations_from_comm_are_errors():
         result = train(
-            ["--model_name_or_path", str(tiny_model_dir), "--data", str(tmp_path / "data.json"),
+            *parse_arguments(["--model_name_or_path", str(tiny_model_dir), "--data", str(tmp_path / "data.json"),
              "--lora_r", "4", "--activation_checkpointing", "True", "--max_steps", "1",
              "--per_device_train_batch_size", "2", "--model_max_length", "256", "--output_dir", str(tmp_path / "out"),
-             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True"]
+             "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True"])
         )  # fmt: skip
     assert [entry["step"] for entry in result.log_history if "loss" in entry] == [1]
     assert (result.export_dir / "model.safetensors").is_file()

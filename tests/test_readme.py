@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from comm.demo.run import DemoConfig, parse_args
+from comm.cli import main
+from comm.demo.config import DemoConfig
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -72,7 +73,7 @@ def test_comm_data_refer_writes_the_stage1_default_file():
 def test_every_demo_flag_is_documented():
     help_text = io.StringIO()
     with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
-        parse_args(["--help"])
+        main(["demo", "--help"])
     flags = set(re.findall(r"(--[a-z][a-z-]+)", help_text.getvalue())) - {"--help"}
     documented = README.split("Flags: ")[1].split("\n\n")[0]
     assert flags and all(f"`{flag}" in documented or f"/{flag}" in documented for flag in flags), flags

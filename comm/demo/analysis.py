@@ -57,7 +57,7 @@ def scenes_by_image(scenes: Iterable[Scene]) -> dict[str, Scene]:
 
 def rec_error_analysis(records: Sequence[dict[str, Any]], scenes: dict[str, Scene]) -> dict[str, Any]:
     """The error analysis of REC prediction records (``id``, ``expression``, ``pred_box``, ``gt_box`` in pixels, as
-    `comm.evaluation.run_rec` writes them) on the world's scenes (`scenes_by_image`; a record's id starts with its
+    `comm.evaluation.rec.RecTask` writes them) on the world's scenes (`scenes_by_image`; a record's id starts with its
     image's name)."""
     by_objects: dict[str, list[bool]] = defaultdict(list)
     by_size: dict[str, list[bool]] = defaultdict(list)

@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from comm.conversation import CAPTION_PROMPT
 from comm.evaluation.caption_metrics import (
     CAPTION_TOKENIZERS,
-    _ptb_tokenize,  # noqa: F401  (kept until tests/test_optional_extras.py imports it from caption_metrics)
-    python_tokenize,  # noqa: F401  (kept until tests/test_optional_extras.py imports it from caption_metrics)
     score_captions,
 )
 from comm.evaluation.records import read_unique_records

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 from conftest import write_huge_png
@@ -198,10 +199,12 @@ def test_demo_refuses_impossible_settings_in_one_line(argv, message, tmp_path, m
 
 
 def test_the_demo_is_offline_unless_a_component_checkpoint_is_given(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # restored after the test
     for config, offline in [(DemoConfig(), "1"), (DemoConfig(llm="HuggingFaceTB/SmolLM2-135M"), "0")]:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         set_hub_access(config)
         assert os.environ["HF_HUB_OFFLINE"] == offline
+        assert huggingface_hub.constants.is_offline_mode() == (offline == "1")  # in this process too
     set_hub_access(DemoConfig())
     assert os.environ["HF_HUB_OFFLINE"] == "0"  # a value already set wins
 

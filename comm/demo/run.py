@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import torch
 from transformers import TrainerCallback
 
@@ -314,7 +315,12 @@ def set_hub_access(config: DemoConfig) -> None:
     """The demo's one environment setting: the Hugging Face Hub offline (``HF_HUB_OFFLINE=1``) unless a component
     checkpoint is given (``--clip``, ``--dino``, ``--llm``: it may be a Hub name to download); a value already set in
     the environment wins."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "0" if config.clip or config.dino or config.llm else "1")
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    offline = not (config.clip or config.dino or config.llm)
+    os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"  # for the processes the demo starts
+    # huggingface_hub read the variable when comm imported transformers; its calls ask this constant since.
+    huggingface_hub.constants.HF_HUB_OFFLINE = offline
 
 
 def main(config: DemoConfig) -> int:

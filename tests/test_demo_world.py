@@ -36,16 +36,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> WorldFiles:
 
 @pytest.fixture(scope="module")
 def scenes(world: WorldFiles) -> dict[str, Scene]:
-    return {scene.image: scene for scene in map(Scene.from_json, read_jsonl(world.scenes))}
+    return {scene.image: scene for scene in world.read_scenes()}
 
 
 @pytest.fixture(scope="module")
 def tokenizer(world: WorldFiles):
     return train_demo_tokenizer(all_texts(world), extra_texts=[VICUNA_EXAMPLE, REC_EXAMPLE])
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _file_digests(root: Path) -> dict[str, str]:
@@ -138,8 +134,8 @@ def test_summary_and_train_test_disjoint(world: WorldFiles, scenes) -> None:
     assert WorldConfig.from_json(summary["config"]) == SMALL
     train_images = {r["image"] for r in json.loads(world.train_captions.read_text())}
     train_images |= {r["image"] for r in json.loads(world.train_pope.read_text())}
-    train_images |= {r["image"] for r in _read_jsonl(world.train_rec)}
-    test_images = {r["image"] for r in _read_jsonl(world.test_rec)} | {r["image"] for r in _read_jsonl(world.test_pope)}
+    train_images |= {r["image"] for r in read_jsonl(world.train_rec)}
+    test_images = {r["image"] for r in read_jsonl(world.test_rec)} | {r["image"] for r in read_jsonl(world.test_pope)}
     assert all(name.startswith("images/train_") for name in train_images)
     assert all(name.startswith("images/test_") for name in test_images)
     assert len(train_images) == SMALL.num_train_images and len(test_images) == SMALL.num_test_images
@@ -181,7 +177,7 @@ def test_scenes_match_drawn_pixels(world: WorldFiles, scenes) -> None:
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_every_expression_resolves_to_its_object(world: WorldFiles, scenes, split: str) -> None:
-    records = _read_jsonl(world.train_rec if split == "train" else world.test_rec)
+    records = read_jsonl(world.train_rec if split == "train" else world.test_rec)
     referred = set()
     for record in records:
         assert set(record) == {"id", "image", "expression", "bbox"}
@@ -199,7 +195,7 @@ def test_every_expression_resolves_to_its_object(world: WorldFiles, scenes, spli
 
 
 def test_expressions_cover_all_kinds(world: WorldFiles) -> None:
-    expressions = [r["expression"] for r in _read_jsonl(world.train_rec)]
+    expressions = [r["expression"] for r in read_jsonl(world.train_rec)]
     assert any(len(e.split()) == 2 for e in expressions)  # "the circle"
     assert any(len(e.split()) == 3 and e.split()[1] in COLOURS for e in expressions)  # "the red circle"
     assert any(e.split()[1] in SIZE_WORDS for e in expressions)  # "the small ..."
@@ -234,7 +230,7 @@ def test_captions_list_objects_left_to_right(world: WorldFiles, scenes) -> None:
 
 def test_pope_is_balanced_and_true(world: WorldFiles, scenes) -> None:
     train = json.loads(world.train_pope.read_text())
-    test = _read_jsonl(world.test_pope)
+    test = read_jsonl(world.test_pope)
     rows = [
         (r["image"], r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"])
         for r in train
@@ -285,7 +281,7 @@ def test_all_texts_covers_train_files(world: WorldFiles) -> None:
     texts = all_texts(world)
     n_conversations = SMALL.num_train_images + len(json.loads(world.train_pope.read_text()))
     n_conversations += len(json.loads(world.train_attributes.read_text()))
-    assert len(texts) == 2 * n_conversations + len(_read_jsonl(world.train_rec))
+    assert len(texts) == 2 * n_conversations + len(read_jsonl(world.train_rec))
     assert "Yes" in texts and "No" in texts and any(t.startswith("<image>\n") for t in texts)
 
 

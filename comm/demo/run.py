@@ -26,7 +26,6 @@ from comm.demo.report import (
     learned_layer_weights,
     plot_loss_curves,
 )
-from comm.demo.scenes import Scene
 from comm.demo.tiny import tiny_config
 from comm.demo.tokenizer import train_demo_tokenizer
 from comm.demo.world import WorldConfig, WorldFiles, all_texts, generate_world
@@ -233,7 +232,7 @@ def examine_trained_model(config: DemoConfig, world: WorldFiles, model_dir: Path
     """The error analysis of the evaluated REC answers, captions of a few held-out images and the learned layer
     weights (also drawn, `LAYER_WEIGHTS`)."""
     rec_records = read_jsonl(config.out / "eval_after" / "rec" / PREDICTIONS_FILE)
-    scenes = scenes_by_image(Scene.from_json(record) for record in read_jsonl(world.scenes))
+    scenes = scenes_by_image(world.read_scenes())
     return {
         "rec_analysis": rec_error_analysis(rec_records, scenes),
         "captions": caption_examples(model_dir, world, config.captions_shown),

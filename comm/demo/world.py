@@ -12,7 +12,7 @@ from typing import Any
 from comm.conversation import IMAGE_PLACEHOLDER
 from comm.demo.annotations import CAPTION_QUESTIONS, attribute_questions, caption, expression_pool, pope_questions
 from comm.demo.scenes import BACKGROUND, COLOURS, Scene, WorldConfig, render_scene, sample_scene
-from comm.io import write_atomically, write_jsonl
+from comm.io import read_jsonl, write_atomically, write_jsonl
 
 __all__ = ["WorldConfig", "WorldFiles", "all_texts", "generate_world"]
 
@@ -66,6 +66,10 @@ class WorldFiles:
             self.scenes,
             self.summary,
         ]
+
+    def read_scenes(self) -> list[Scene]:
+        """The scenes `generate_world` wrote to ``scenes.jsonl`` (read strictly: a bad line names the file and line)."""
+        return [Scene.from_json(record) for record in read_jsonl(self.scenes)]
 
 
 def generate_world(out_dir: Path | str, config: WorldConfig | None = None) -> WorldFiles:
